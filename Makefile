@@ -1,0 +1,45 @@
+# `make demo` and `make test` set everything up: a .venv/ in the repo root with torch installed first
+# (a CPU build here; override TORCH for another, e.g. make test TORCH="torch==2.13.0 --index-url URL").
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+TORCH  ?= torch==2.13.0
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export WANDB_DIR ?= $(CURDIR)/.wandb
+export WANDB_CACHE_DIR ?= $(CURDIR)/.wandb/cache
+export WANDB_CONFIG_DIR ?= $(CURDIR)/.wandb/config
+
+.PHONY: demo test test-fast data teacher clean help
+
+help:
+	@echo "make demo   - set up .venv, build the digits shards and distil the shipped teacher (CPU, a few minutes)"
+	@echo "make test   - set up .venv and run the test suite"
+	@echo "make teacher - retrain the shipped digits teacher (data/teachers/digits)"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+data/digits/meta.json: | $(STAMP)
+	$(VENV)/bin/distill data digits --out data/digits
+
+data: data/digits/meta.json
+
+demo: $(STAMP) data/digits/meta.json
+	$(VENV)/bin/distill fit --config configs/digits.yaml run.dir=runs/demo
+
+teacher: $(STAMP) data/digits/meta.json
+	$(VENV)/bin/distill teacher --config configs/teacher-digits.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs/demo .wandb .pytest_cache

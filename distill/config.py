@@ -1,0 +1,456 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML with `key=value` overrides (OmegaConf).
+
+Every field carries a one-line help text (shown by `distill fit --help`) and every invalid value stops the
+command before any work with a `ConfigError` that names the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from distill.errors import ConfigError, DistillError
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help line."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(key, f"expected {expected}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections shared by `distill fit` and `distill teacher`.
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives."""
+
+    dir: str = _f("runs/digits", "run directory: config.yaml, checkpoints/, samples/, metrics.csv, wandb/")
+    name: str = _f("", "run name shown in W&B (default: the run directory's name)")
+
+
+@dataclass
+class DataConfig:
+    """Training data: webdataset shards (real data) or none (the exact mixture teacher draws its own)."""
+
+    path: Optional[str] = _f("data/digits", "folder of train-*.tar shards with meta.json; null for gmm")
+    batch_size: int = _f(64, "global batch size (generator samples per step, summed over devices)")
+    num_workers: int = _f(0, "data loader worker processes per device")
+    shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer")
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1", self.shuffle_buffer)
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning Trainer and the step budget."""
+
+    max_steps: int = _f(1000, "training steps (one generator batch each; counts steps, not optimiser calls)")
+    seed: int = _f(0, "global seed (weights, noise, data order)")
+    accelerator: str = _f("auto", "cpu | gpu | auto")
+    devices: int = _f(1, "devices per node")
+    num_nodes: int = _f(1, "nodes")
+    strategy: str = _f("auto", "Lightning strategy; auto picks DDP with unused parameters when devices > 1")
+    precision: str = _f("32-true", "32-true | bf16-mixed | 16-mixed")
+    checkpoint_every_steps: int = _f(200, "write a checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = _f(3, "newest checkpoints kept in checkpoints/ (older ones are deleted)")
+    log_every_steps: int = _f(10, "log scalars every this many steps")
+    deterministic: bool = _f(False, "use deterministic torch algorithms (slower; for exact reproduction)")
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, "trainer.max_steps", "an integer >= 1", self.max_steps)
+        _check(self.accelerator in ("cpu", "gpu", "cuda", "mps", "auto"), "trainer.accelerator",
+               "one of cpu, gpu, cuda, mps, auto", self.accelerator)
+        _check(self.devices >= 1, "trainer.devices", "an integer >= 1", self.devices)
+        _check(self.num_nodes >= 1, "trainer.num_nodes", "an integer >= 1", self.num_nodes)
+        _check(self.precision in ("32-true", "32", "bf16-mixed", "16-mixed", "64-true"), "trainer.precision",
+               "one of 32-true, bf16-mixed, 16-mixed, 64-true", self.precision)
+        _check(self.checkpoint_every_steps >= 1, "trainer.checkpoint_every_steps", "an integer >= 1",
+               self.checkpoint_every_steps)
+        _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
+        _check(self.log_every_steps >= 1, "trainer.log_every_steps", "an integer >= 1", self.log_every_steps)
+
+
+@dataclass
+class LoggingConfig:
+    """What is written while training: W&B, CSV, sample grids, progress bar."""
+
+    wandb: str = _f("offline", "offline (files in the run directory) | online (needs a W&B key) | disabled")
+    project: str = _f("distill", "W&B project")
+    samples_every_steps: int = _f(100, "write a sample grid PNG every this many steps (0: only at the end)")
+    samples_per_class: int = _f(8, "columns of the sample grid (one row per class)")
+    progress_bar: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        _check(self.wandb in ("offline", "online", "disabled"), "logging.wandb",
+               "one of offline, online, disabled", self.wandb)
+        _check(self.samples_every_steps >= 0, "logging.samples_every_steps", "an integer >= 0",
+               self.samples_every_steps)
+        _check(self.samples_per_class >= 1, "logging.samples_per_class", "an integer >= 1", self.samples_per_class)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `distill fit`: DMD distillation.
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher: a diffusers UNet folder, or the exact 2-D Gaussian mixture."""
+
+    kind: str = _f("diffusers", "diffusers (a UNet2DModel folder) | gmm (exact Gaussian-mixture denoiser)")
+    path: Optional[str] = _f("data/teachers/digits", "teacher folder (unet/ and scheduler/, or one model folder)")
+    guidance_scale: float = _f(1.0, "classifier-free guidance scale s: D_u + s (D_c - D_u); 1 = no guidance")
+    gmm_modes: int = _f(8, "gmm: number of equal-weight modes, evenly spaced on a circle")
+    gmm_radius: float = _f(2.0, "gmm: radius of that circle")
+    gmm_std: float = _f(0.1, "gmm: standard deviation of each mode")
+    num_timesteps: int = _f(1000, "gmm: discrete time indices T of its VP (DDPM linear) schedule")
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("diffusers", "gmm"), "teacher.kind", "one of diffusers, gmm", self.kind)
+        _check(self.guidance_scale >= 0, "teacher.guidance_scale", "a number >= 0", self.guidance_scale)
+        _check(self.gmm_modes >= 1, "teacher.gmm_modes", "an integer >= 1", self.gmm_modes)
+        _check(self.gmm_std > 0, "teacher.gmm_std", "a number > 0", self.gmm_std)
+        _check(self.num_timesteps >= 10, "teacher.num_timesteps", "an integer >= 10", self.num_timesteps)
+
+
+@dataclass
+class GeneratorConfig:
+    """The one-step generator G(z) = D_theta(x_init(z), t_init)."""
+
+    init: str = _f("teacher", "teacher (copy the teacher's network) | mlp (a fresh MLP, for 2-D teachers)")
+    t_init: Optional[int] = _f(None, "time index the generator is evaluated at (default: the last, T-1)")
+    ema_decay: float = _f(0.999, "EMA decay of the generator copy used for samples")
+    mlp_hidden: int = _f(128, "mlp: hidden width")
+    mlp_depth: int = _f(3, "mlp: hidden layers")
+
+    def __post_init__(self) -> None:
+        _check(self.init in ("teacher", "mlp"), "generator.init", "one of teacher, mlp", self.init)
+        _check(0.0 <= self.ema_decay < 1.0, "generator.ema_decay", "a number in [0, 1)", self.ema_decay)
+        _check(self.mlp_hidden >= 1, "generator.mlp_hidden", "an integer >= 1", self.mlp_hidden)
+        _check(self.mlp_depth >= 1, "generator.mlp_depth", "an integer >= 1", self.mlp_depth)
+
+
+@dataclass
+class FakeScoreConfig:
+    """The online fake-score network mu_fake, trained on the generator's samples."""
+
+    init: str = _f("teacher", "teacher (copy the teacher's network) | mlp (a fresh MLP, for 2-D teachers)")
+    mlp_hidden: int = _f(128, "mlp: hidden width")
+    mlp_depth: int = _f(3, "mlp: hidden layers")
+
+    def __post_init__(self) -> None:
+        _check(self.init in ("teacher", "mlp"), "fake_score.init", "one of teacher, mlp", self.init)
+        _check(self.mlp_hidden >= 1, "fake_score.mlp_hidden", "an integer >= 1", self.mlp_hidden)
+        _check(self.mlp_depth >= 1, "fake_score.mlp_depth", "an integer >= 1", self.mlp_depth)
+
+
+@dataclass
+class EstimatorConfig:
+    """How the DMD expectation over (t, eps) is estimated (CARV)."""
+
+    K: Any = _f(1, "inner (t, eps) draws per generator sample (the baseline DMD2 estimator: 1)")
+    proposal: str = _f("uniform", "timestep proposal q(t): uniform (q = p)")
+    stratify: str = _f("none", "stratified inverse CDF: none (iid draws)")
+    t_min: float = _f(0.02, "smallest DMD time index, as a fraction of T (DMD2: 0.02)")
+    t_max: float = _f(0.98, "largest DMD time index, as a fraction of T (DMD2: 0.98)")
+
+    def __post_init__(self) -> None:
+        # The hierarchical, importance-sampled and stratified estimators arrive with the CARV issue.
+        _check(self.K == 1 and not isinstance(self.K, bool), "estimator.K", "1 (the baseline)", self.K)
+        _check(self.proposal == "uniform", "estimator.proposal", "uniform (the baseline)", self.proposal)
+        _check(self.stratify == "none", "estimator.stratify", "none (the baseline)", self.stratify)
+        _check(0.0 <= self.t_min < 1.0, "estimator.t_min", "a fraction in [0, 1)", self.t_min)
+        _check(self.t_min < self.t_max <= 1.0, "estimator.t_max", f"a fraction in ({self.t_min}, 1]", self.t_max)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for the generator and the fake score, two time scales."""
+
+    lr_generator: float = _f(2e-5, "generator learning rate")
+    lr_fake_score: float = _f(2e-5, "fake-score learning rate")
+    betas: list[float] = _f([0.0, 0.999], "AdamW betas (both networks)")
+    weight_decay: float = _f(0.01, "AdamW weight decay (both networks)")
+    grad_clip: float = _f(10.0, "gradient-norm clip (both networks; 0: off)")
+    ttur: int = _f(5, "the generator is updated every ttur steps, the fake score every step (DMD2: 5)")
+
+    def __post_init__(self) -> None:
+        _check(self.lr_generator > 0, "optim.lr_generator", "a number > 0", self.lr_generator)
+        _check(self.lr_fake_score > 0, "optim.lr_fake_score", "a number > 0", self.lr_fake_score)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               "two numbers in [0, 1)", list(self.betas))
+        _check(self.weight_decay >= 0, "optim.weight_decay", "a number >= 0", self.weight_decay)
+        _check(self.grad_clip >= 0, "optim.grad_clip", "a number >= 0", self.grad_clip)
+        _check(self.ttur >= 1, "optim.ttur", "an integer >= 1", self.ttur)
+
+
+@dataclass
+class FitConfig:
+    """`distill fit`: distil a teacher into a one-step generator."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    fake_score: FakeScoreConfig = field(default_factory=FakeScoreConfig)
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        """Checks that span sections or touch the file system."""
+        t = self.teacher
+        if t.kind == "diffusers":
+            _check(t.path is not None, "teacher.path", "a teacher folder", t.path)
+            _check_dir(t.path, "teacher.path", "a diffusers teacher folder (unet/ and scheduler/)")
+            _check(self.generator.init == "teacher", "generator.init", "teacher for a diffusers teacher",
+                   self.generator.init)
+            _check(self.fake_score.init == "teacher", "fake_score.init", "teacher for a diffusers teacher",
+                   self.fake_score.init)
+            _check(self.data.path is not None, "data.path", "a shard folder for a diffusers teacher", None)
+        else:
+            _check(self.generator.init == "mlp", "generator.init", "mlp for the gmm teacher (no weights to copy)",
+                   self.generator.init)
+            _check(self.fake_score.init == "mlp", "fake_score.init", "mlp for the gmm teacher",
+                   self.fake_score.init)
+            _check(t.guidance_scale == 1.0, "teacher.guidance_scale", "1.0 (the gmm teacher is unconditional)",
+                   t.guidance_scale)
+            if self.generator.t_init is not None:
+                _check(0 <= self.generator.t_init < t.num_timesteps, "generator.t_init",
+                       f"an index in [0, {t.num_timesteps})", self.generator.t_init)
+        if self.data.path is not None:
+            _check_dir(self.data.path, "data.path", "a folder of train-*.tar shards (see `distill data --help`)")
+        _check_devices(self.data.batch_size, self.trainer)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `distill teacher`: train the small class-conditional UNet teacher on shards.
+
+
+@dataclass
+class UNetConfig:
+    """A diffusers UNet2DModel and its DDPM schedule."""
+
+    block_out_channels: list[int] = _f([32, 64], "channels per resolution level")
+    layers_per_block: int = _f(1, "ResNet layers per level")
+    attention: bool = _f(True, "self-attention in the lowest-resolution level")
+    class_dropout: float = _f(0.1, "probability of replacing the label by the null class (for CFG)")
+    prediction_type: str = _f("epsilon", "epsilon | v_prediction | sample")
+    num_train_timesteps: int = _f(1000, "DDPM time indices T")
+    beta_schedule: str = _f("linear", "linear | scaled_linear | squaredcos_cap_v2")
+
+    def __post_init__(self) -> None:
+        _check(len(self.block_out_channels) >= 1 and all(c >= 8 for c in self.block_out_channels),
+               "unet.block_out_channels", "a list of channel counts >= 8", list(self.block_out_channels))
+        _check(self.layers_per_block >= 1, "unet.layers_per_block", "an integer >= 1", self.layers_per_block)
+        _check(0 <= self.class_dropout < 1, "unet.class_dropout", "a probability in [0, 1)", self.class_dropout)
+        _check(self.prediction_type in ("epsilon", "v_prediction", "sample"), "unet.prediction_type",
+               "one of epsilon, v_prediction, sample", self.prediction_type)
+        _check(self.num_train_timesteps >= 10, "unet.num_train_timesteps", "an integer >= 10",
+               self.num_train_timesteps)
+        _check(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"), "unet.beta_schedule",
+               "one of linear, scaled_linear, squaredcos_cap_v2", self.beta_schedule)
+
+
+@dataclass
+class TeacherOptimConfig:
+    """AdamW for the teacher."""
+
+    lr: float = _f(1e-3, "peak learning rate (linear warm-up, then cosine decay)")
+    warmup_steps: int = _f(200, "linear warm-up steps")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "gradient-norm clip (0: off)")
+    ema_decay: float = _f(0.999, "EMA decay; the EMA weights are what gets saved")
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", "a number > 0", self.lr)
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
+        _check(self.grad_clip >= 0, "optim.grad_clip", "a number >= 0", self.grad_clip)
+        _check(0.0 <= self.ema_decay < 1.0, "optim.ema_decay", "a number in [0, 1)", self.ema_decay)
+
+
+@dataclass
+class TeacherTrainConfig:
+    """`distill teacher`: train a class-conditional diffusers UNet teacher on shards."""
+
+    out: str = _f("data/teachers/digits", "folder the trained teacher is saved to (save_pretrained layout)")
+    sample_steps: int = _f(50, "DDIM steps for the sample grid saved beside the teacher")
+    sample_guidance_scale: float = _f(1.0, "CFG scale for that grid")
+    run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/teacher-digits"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=128))
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    optim: TeacherOptimConfig = field(default_factory=TeacherOptimConfig)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=2000, checkpoint_every_steps=500))
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(samples_every_steps=1000))
+
+    def validate(self) -> None:
+        _check(self.data.path is not None, "data.path", "a shard folder", None)
+        _check_dir(self.data.path, "data.path", "a folder of train-*.tar shards (see `distill data --help`)")
+        _check(self.sample_steps >= 1, "sample_steps", "an integer >= 1", self.sample_steps)
+        _check_devices(self.data.batch_size, self.trainer)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading.
+
+C = TypeVar("C")
+
+
+def _check_dir(path: str, key: str, expected: str) -> None:
+    if not os.path.isdir(path):
+        raise ConfigError(key, f"folder {path!r} does not exist; expected {expected}")
+
+
+def _check_devices(batch_size: int, trainer: TrainerConfig) -> None:
+    world = trainer.devices * trainer.num_nodes
+    if batch_size % world:
+        raise ConfigError("data.batch_size", f"{batch_size} does not divide across {world} devices "
+                          f"(trainer.devices x trainer.num_nodes); expected a multiple of {world}")
+
+
+def all_keys(schema: type, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every dotted key of a config schema with its dataclass field."""
+    out: dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            out.update(all_keys(type(sub), key + "."))
+        else:
+            out[key] = f
+    return out
+
+
+def describe(schema: type) -> str:
+    """One line per key: default and help (for `--help`)."""
+    defaults = OmegaConf.structured(schema)
+    lines = []
+    for key, f in all_keys(schema).items():
+        value = OmegaConf.select(defaults, key)
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value)
+        lines.append(f"  {key} = {_yaml_scalar(value)}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _unknown_key(schema: type, key: str) -> ConfigError:
+    keys = list(all_keys(schema))
+    if "." not in key:  # a whole section (or a top-level field) misspelt
+        keys = sorted({k.split(".")[0] for k in keys})
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # a typo in the last part only: compare against the keys of the same section
+        section, _, leaf = key.rpartition(".")
+        leaves = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == section]
+        close = [f"{section}.{m}" if section else m for m in difflib.get_close_matches(leaf, leaves, n=1)]
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid sections: {sorted({k.split('.')[0] for k in keys})}"
+    return ConfigError(key, f"unknown key{hint}")
+
+
+def load_config(schema: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
+    """Schema defaults <- YAML file <- `key=value` overrides, validated; raises ConfigError/DistillError."""
+    base = OmegaConf.structured(schema)
+    layers = []
+    if path is not None:
+        if not os.path.isfile(path):
+            raise DistillError(f"config file {str(path)!r} not found; expected a YAML file such as configs/digits.yaml")
+        try:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            raise DistillError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise DistillError(f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}")
+        layers.append(data)
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise DistillError(f"override {item!r}: expected key=value, for example trainer.max_steps=100")
+        if key.startswith("+"):
+            raise DistillError(f"override {item!r}: '+' is Hydra syntax; write {key[1:]}={value}")
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            parsed = value
+        layer: dict = {}
+        node = layer
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = parsed
+        layers.append(layer)
+    cfg = base
+    for layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except ConfigKeyError as e:
+            raise _unknown_key(schema, e.full_key or str(e.key)) from None
+        except ValidationError as e:
+            raise _bad_type(schema, e) from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(getattr(e, "full_key", "?") or "?", str(e).splitlines()[0]) from None
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise ConfigError(getattr(e, "full_key", "?") or "?", str(e).splitlines()[0]) from None
+    obj.validate()
+    return obj
+
+
+def _bad_type(schema: type, e: ValidationError) -> ConfigError:
+    key = e.full_key or "?"
+    f = all_keys(schema).get(key)
+    if f is None:
+        return ConfigError(key, str(e).splitlines()[0])
+    expected = str(f.type).replace("Optional[", "").replace("]", "").replace("typing.", "")
+    if f.type == "bool" or f.type is bool:
+        expected = "true or false"
+    return ConfigError(key, f"expected {expected}, got {_value_of(e)!r}")
+
+
+def _value_of(e: ValidationError) -> Any:
+    msg = str(e).splitlines()[0]
+    # OmegaConf: "Value 'abc' of type 'str' could not be converted to Integer" / "Value 'x' is not a valid bool"
+    m = re.match(r"Value '(.*?)'( of type| is not)", msg)
+    return m.group(1) if m else msg
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (what `config.yaml` in the run directory holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Any, run_dir: str | Path) -> Path:
+    """Write `config.yaml` atomically."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
