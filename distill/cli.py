@@ -78,14 +78,21 @@ def _shard_options(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _prepare_run_dir(run_dir: Path) -> None:
+def _check_writable(run_dir: Path) -> None:
+    """Fail early, creating nothing, when the run directory cannot be made or written."""
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise DistillError(f"run directory {str(run_dir)!r} is not writable ({str(probe)!r} is not a writable "
+                           f"folder); expected a folder you can write to (set run.dir=...)")
+
+
+def _make_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
     except OSError as e:
-        raise DistillError(f"run directory {str(run_dir)!r} is not writable ({e.strerror}); "
+        raise DistillError(f"run directory {str(run_dir)!r} cannot be created ({e.strerror}); "
                            f"expected a folder you can write to (set run.dir=...)") from None
 
 
@@ -137,10 +144,12 @@ def _trainer(cfg, run_dir: Path, callbacks: list, progress_desc: str):
     )
 
 
-def _resume(run_dir: Path, csv_logger_step_truncate) -> Path | None:
+def _resume(run_dir: Path) -> tuple[Path | None, int]:
+    """The newest checkpoint of the run directory and its step (None, 0 for a new run)."""
     from distill.callbacks import find_resume_checkpoint
 
     ckpt = find_resume_checkpoint(run_dir)
+    step = 0
     if ckpt is not None:
         import torch
 
@@ -149,9 +158,15 @@ def _resume(run_dir: Path, csv_logger_step_truncate) -> Path | None:
         except Exception as e:  # noqa: BLE001 - any failure to read it is reported the same way
             raise DistillError(f"checkpoint {str(ckpt)!r} cannot be loaded ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}); move it away to resume from an older one")
-        csv_logger_step_truncate(step)
         print(f"resuming from {ckpt} (step {step})", flush=True)
-    return ckpt
+    return ckpt, step
+
+
+def _data_seed(seed: int, step: int) -> int:
+    """The data stream's seed: a resumed run starts a fresh stream rather than replaying the first batches."""
+    import numpy as np
+
+    return seed if step == 0 else int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
 def _is_rank_zero() -> bool:
@@ -167,7 +182,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     run_dir = Path(cfg.run.dir)
-    _prepare_run_dir(run_dir)
+    _check_writable(run_dir)
 
     import lightning as L
 
@@ -176,11 +191,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = DMDModule(cfg)  # loads the teacher: a bad folder fails here, before anything is written
-    datamodule = _fit_data(cfg, module)
-    if _is_rank_zero():
+    ckpt, step = _resume(run_dir)
+    datamodule = _fit_data(cfg, module, _data_seed(cfg.trainer.seed, step))
+    if _is_rank_zero():  # everything is checked: from here on the run directory is written
+        _make_run_dir(run_dir)
         print(to_yaml(cfg), end="", flush=True)
         save_config(cfg, run_dir)
-    ckpt = _resume(run_dir, CSVLogger(run_dir / "metrics.csv").truncate_after)
+        CSVLogger(run_dir / "metrics.csv").truncate_after(step)
     trainer = _trainer(cfg, run_dir, [], "distill fit")
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
@@ -194,7 +211,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit_data(cfg, module):
+def _fit_data(cfg, module, seed: int):
     from distill.data import ShardDataModule, read_meta
     from distill.synthetic import MixtureDataModule
 
@@ -202,7 +219,7 @@ def _fit_data(cfg, module):
     per_device = cfg.data.batch_size // world
     if cfg.teacher.kind == "gmm":
         mixture = module.teacher.mixture
-        return MixtureDataModule(mixture.sample, per_device, seed=cfg.trainer.seed)
+        return MixtureDataModule(mixture.sample, per_device, seed=seed)
     meta = read_meta(cfg.data.path)
     from distill.teachers import sample_shape_of
 
@@ -215,7 +232,7 @@ def _fit_data(cfg, module):
     if n_cls is not None and int(meta["num_classes"]) > n_cls:
         raise DistillError(f"data.path {cfg.data.path!r} has {meta['num_classes']} classes; the teacher "
                            f"{cfg.teacher.path!r} knows {n_cls} (labels 0..{n_cls - 1})")
-    return ShardDataModule(cfg.data.path, per_device, num_workers=cfg.data.num_workers, seed=cfg.trainer.seed,
+    return ShardDataModule(cfg.data.path, per_device, num_workers=cfg.data.num_workers, seed=seed,
                            shuffle_buffer=cfg.data.shuffle_buffer)
 
 
@@ -227,7 +244,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     run_dir = Path(cfg.run.dir)
-    _prepare_run_dir(run_dir)
+    _check_writable(run_dir)
 
     import lightning as L
 
@@ -241,12 +258,14 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = TeacherModule(cfg, shape, int(meta["num_classes"]))
     world = cfg.trainer.devices * cfg.trainer.num_nodes
+    ckpt, step = _resume(run_dir)
     datamodule = ShardDataModule(cfg.data.path, cfg.data.batch_size // world, num_workers=cfg.data.num_workers,
-                                 seed=cfg.trainer.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+                                 seed=_data_seed(cfg.trainer.seed, step), shuffle_buffer=cfg.data.shuffle_buffer)
     if _is_rank_zero():
+        _make_run_dir(run_dir)
         print(to_yaml(cfg), end="", flush=True)
         save_config(cfg, run_dir)
-    ckpt = _resume(run_dir, CSVLogger(run_dir / "metrics.csv").truncate_after)
+        CSVLogger(run_dir / "metrics.csv").truncate_after(step)
     trainer = _trainer(cfg, run_dir, [], "distill teacher")
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
