@@ -132,7 +132,8 @@ def test_count_flops_counts_a_matmul_and_its_backward():
     def forward_backward(x):
         lin(x).sum().backward()
 
-    assert count_flops(forward_backward, x.requires_grad_(True)) == 3 * (2 * 3 * 10 * 20)  # forward, grad wrt weight, grad wrt input
+    # forward, grad wrt weight, grad wrt input
+    assert count_flops(forward_backward, x.requires_grad_(True)) == 3 * (2 * 3 * 10 * 20)
     assert count_flops(lambda: torch.relu(x)) == 0  # elementwise ops are not counted
 
 
