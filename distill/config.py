@@ -165,21 +165,66 @@ class FakeScoreConfig:
 
 @dataclass
 class EstimatorConfig:
-    """How the DMD expectation over (t, eps) is estimated (CARV)."""
+    """How the DMD expectation over (t, eps) is estimated: CARV (DESIGN §1)."""
 
-    K: Any = _f(1, "inner (t, eps) draws per generator sample (the baseline DMD2 estimator: 1)")
-    proposal: str = _f("uniform", "timestep proposal q(t): uniform (q = p)")
-    stratify: str = _f("none", "stratified inverse CDF: none (iid draws)")
+    K: Any = _f(1, "inner (t, eps) draws per generator sample, an integer >= 1, or auto (chosen from measured "
+                   "variance and cost); 1 with uniform/none is the DMD2 baseline")
+    proposal: str = _f("uniform", "timestep proposal q(t): uniform (q = p) | adaptive (learned, variance-optimal)")
+    stratify: str = _f("none", "stratified inverse CDF: none (iid) | per_sample (K strata per sample) | batch "
+                               "(N*K strata over the batch) | global (over the global batch in DDP)")
     t_min: float = _f(0.02, "smallest DMD time index, as a fraction of T (DMD2: 0.02)")
     t_max: float = _f(0.98, "largest DMD time index, as a fraction of T (DMD2: 0.98)")
+    chunk_size: int = _f(0, "most draws per batched teacher / fake-score call (memory bound; 0: all in one call)")
+    adaptive_bins: int = _f(32, "adaptive: bins of the second-moment table over [t_min, t_max]")
+    adaptive_ema: float = _f(0.9, "adaptive: EMA weight on a bin's old second moment")
+    adaptive_smoothing: float = _f(1.0, "adaptive: Gaussian smoothing across bins (std in bins; 0: none)")
+    adaptive_floor: float = _f(0.05, "adaptive: floor of the table, as a fraction of its max")
+    adaptive_mix: float = _f(0.1, "adaptive: defensive mixture q = (1 - mix) q_hat + mix p, so w <= 1/mix")
+    adaptive_warmup: int = _f(100, "adaptive: steps on q = p before the first proposal")
+    adaptive_refresh_every: int = _f(50, "adaptive: steps between proposal refreshes")
+    diagnostic_every: int = _f(0, "exact parameter-space split-half variance estimate every this many steps "
+                                  "(0: off; K auto needs it and defaults to 50)")
+    diagnostic_K: int = _f(4, "inner draws used by a diagnostic step (even, >= 2)")
+    k_max: int = _f(32, "K auto: largest K")
+    max_draws: int = _f(0, "K auto: most inner draws per device per step, a memory bound (0: none)")
+    auto_every: int = _f(50, "K auto: steps between choices of K")
+    auto_ema: float = _f(0.8, "K auto: EMA weight on old variance estimates")
+    cost: str = _f("flops", "K auto: cost measure, flops (reproducible) | time (measured wall time)")
 
     def __post_init__(self) -> None:
-        # The hierarchical, importance-sampled and stratified estimators arrive with the CARV issue.
-        _check(self.K == 1 and not isinstance(self.K, bool), "estimator.K", "1 (the baseline)", self.K)
-        _check(self.proposal == "uniform", "estimator.proposal", "uniform (the baseline)", self.proposal)
-        _check(self.stratify == "none", "estimator.stratify", "none (the baseline)", self.stratify)
+        auto = self.K == "auto"
+        _check(auto or (isinstance(self.K, int) and not isinstance(self.K, bool) and self.K >= 1), "estimator.K",
+               "an integer >= 1 or auto", self.K)
+        _check(self.proposal in ("uniform", "adaptive"), "estimator.proposal", "one of uniform, adaptive",
+               self.proposal)
+        _check(self.stratify in ("none", "per_sample", "batch", "global"), "estimator.stratify",
+               "one of none, per_sample, batch, global", self.stratify)
         _check(0.0 <= self.t_min < 1.0, "estimator.t_min", "a fraction in [0, 1)", self.t_min)
         _check(self.t_min < self.t_max <= 1.0, "estimator.t_max", f"a fraction in ({self.t_min}, 1]", self.t_max)
+        _check(self.chunk_size >= 0, "estimator.chunk_size", "an integer >= 0", self.chunk_size)
+        _check(self.adaptive_bins >= 1, "estimator.adaptive_bins", "an integer >= 1", self.adaptive_bins)
+        _check(0 <= self.adaptive_ema < 1, "estimator.adaptive_ema", "a number in [0, 1)", self.adaptive_ema)
+        _check(self.adaptive_smoothing >= 0, "estimator.adaptive_smoothing", "a number >= 0", self.adaptive_smoothing)
+        _check(0 <= self.adaptive_floor <= 1, "estimator.adaptive_floor", "a fraction in [0, 1]", self.adaptive_floor)
+        _check(0 < self.adaptive_mix <= 1, "estimator.adaptive_mix", "a fraction in (0, 1]", self.adaptive_mix)
+        _check(self.adaptive_warmup >= 0, "estimator.adaptive_warmup", "an integer >= 0", self.adaptive_warmup)
+        _check(self.adaptive_refresh_every >= 1, "estimator.adaptive_refresh_every", "an integer >= 1",
+               self.adaptive_refresh_every)
+        _check(self.diagnostic_every >= 0, "estimator.diagnostic_every", "an integer >= 0", self.diagnostic_every)
+        _check(self.diagnostic_K >= 2 and self.diagnostic_K % 2 == 0, "estimator.diagnostic_K",
+               "an even integer >= 2", self.diagnostic_K)
+        _check(self.k_max >= 1, "estimator.k_max", "an integer >= 1", self.k_max)
+        _check(self.max_draws >= 0, "estimator.max_draws", "an integer >= 0", self.max_draws)
+        _check(self.auto_every >= 1, "estimator.auto_every", "an integer >= 1", self.auto_every)
+        _check(0 <= self.auto_ema < 1, "estimator.auto_ema", "a number in [0, 1)", self.auto_ema)
+        _check(self.cost in ("flops", "time"), "estimator.cost", "one of flops, time", self.cost)
+        if auto and self.diagnostic_every == 0:
+            self.diagnostic_every = 50  # K auto runs on the exact estimates
+
+    @property
+    def baseline(self) -> bool:
+        """The DMD2 reference estimator: one uniform iid draw per sample."""
+        return self.K == 1 and self.proposal == "uniform" and self.stratify == "none"
 
 
 @dataclass
@@ -241,6 +286,19 @@ class FitConfig:
         if self.data.path is not None:
             _check_dir(self.data.path, "data.path", "a folder of train-*.tar shards (see `distill data --help`)")
         _check_devices(self.data.batch_size, self.trainer)
+        e = self.estimator
+        world = self.trainer.devices * self.trainer.num_nodes
+        if e.stratify == "global":
+            _check(world > 1, "estimator.stratify", "global only with several devices (trainer.devices x "
+                   "trainer.num_nodes > 1); use batch on one device", e.stratify)
+        per_device = self.data.batch_size // world
+        if e.diagnostic_every:
+            _check(per_device >= 2 and per_device % 2 == 0, "data.batch_size",
+                   f"an even number of samples per device for the split-half diagnostic (got {per_device})",
+                   self.data.batch_size)
+        if e.max_draws and e.K != "auto":
+            _check(per_device * e.K <= e.max_draws, "estimator.max_draws",
+                   f">= data.batch_size per device x estimator.K = {per_device * e.K}", e.max_draws)
 
 
 # --------------------------------------------------------------------------------------------------------------

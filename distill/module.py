@@ -1,11 +1,14 @@
-"""The DMD LightningModule (DMD2 reference form, DESIGN §1): manual optimisation, two time scales, EMA.
+"""The DMD LightningModule (DMD2 reference form, DESIGN §1): manual optimisation, two time scales, EMA, and the
+CARV hierarchical estimator of the DMD expectation over (t, eps).
 
 `training_step` reads like the algorithm:
-  1. sample z and generate x = G(z)
-  2. draw (t, eps) for the DMD expectation
-  3. teacher and fake-score predictions at x_t, no grad
-  4. DMD gradient and generator update (every `ttur` steps)
+  1. sample z and generate x = G(z)                       (the expensive upstream: N samples)
+  2. draw K (t, eps) per sample with the CARV sampler        (proposal q, stratified inverse CDF, w = p/q)
+  3. teacher and fake-score predictions at all N*K x_t, no grad, batched (chunked)
+  4. hierarchical DMD gradient (1/K) sum_k w g and generator update (every `ttur` steps)
   5. fake-score update on the detached samples (every step)
+The bookkeeping (proposal statistics, variance estimates, the choice of K) follows the update and only ever
+uses what was measured before the draws it will weight.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from distill.carv import TimestepSampler, anova, count_flops, dmd_timestep_p, ecm, ecm_oracle, k_star, split_half
+from distill.carv.controller import KController, weighted_mean
 from distill.config import FitConfig
 from distill.losses import denoising_loss, dmd_grad, dmd_loss
 from distill.plots import grid_image, scatter_image
@@ -69,9 +74,15 @@ class DMDModule(L.LightningModule):
         self.teacher, self.fake_score, self.generator = build_networks(cfg)
         self.teacher.requires_grad_(False).eval()
         self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
-        T = self.teacher.T
-        # DMD2: t uniform over the integer indices [0.02 T, 0.98 T]
-        self.t_lo, self.t_hi = int(cfg.estimator.t_min * T), min(int(cfg.estimator.t_max * T), T - 1)
+        e = cfg.estimator
+        # p: DMD2's t uniform over the integer indices [0.02 T, 0.98 T]; q: the proposal the sampler draws from
+        self.sampler = TimestepSampler(
+            dmd_timestep_p(self.teacher.T, e.t_min, e.t_max), proposal=e.proposal, stratify=e.stratify,
+            bins=e.adaptive_bins, ema=e.adaptive_ema, smoothing=e.adaptive_smoothing, floor=e.adaptive_floor,
+            mix=e.adaptive_mix, warmup=e.adaptive_warmup, refresh_every=e.adaptive_refresh_every)
+        self.k_control = KController(1 if e.K == "auto" else e.K, e.K == "auto", e.k_max, e.max_draws, e.auto_ema)
+        self.costs: dict[str, float] = {}  # c_u, c_i in FLOPs and seconds per sample / per draw
+        self.g_steps = 0  # generator updates so far
         self.step = 0  # completed training steps (not optimiser calls)
         self.max_steps = cfg.trainer.max_steps
         self.progress_postfix: dict[str, float] = {}
@@ -113,20 +124,22 @@ class DMDModule(L.LightningModule):
             x = self.generator(z, labels)  # (N, C, H, W) or (N, d)
 
         if update_generator:
-            # 2. draw (t, eps): the DMD2 baseline, t ~ U{t_lo..t_hi}, one draw per sample
-            t = torch.randint(self.t_lo, self.t_hi + 1, (N,), generator=rng, device=self.device)
-            eps = torch.randn(x.shape, generator=rng, device=self.device)
-            # 3. teacher and fake-score predictions at x_t, no grad through either
+            # 2. draw K (t, eps) per sample: t from the proposal q by the stratified inverse CDF, w = p(t)/q(t)
+            K = self.k_control.K
+            t, w = self._draw_timesteps(N, K, rng)  # (N, K), (N, K)
+            eps = torch.randn((N * K, *x.shape[1:]), generator=rng, device=self.device)  # (N*K, ...)
+            # 3. teacher and fake-score predictions at all N*K x_t, batched, no grad: the per-draw integrand g
             with torch.no_grad():
-                x_t = self.teacher.schedule.add_noise(x.detach(), eps, t)
-                mu_real = self.teacher(x_t, t, labels, guidance_scale=self.cfg.teacher.guidance_scale)
-                mu_fake = self.fake_score(x_t, t, labels)
-                g = dmd_grad(x.detach(), mu_real, mu_fake)
-            # 4. DMD gradient and generator update: d loss / dx = g / numel
-            loss_g = dmd_loss(x, g).mean()
+                g = self._integrand(x.detach(), labels, t, eps)  # (N, K, ...)
+                g_bar = weighted_mean(g, w)  # (1/K) sum_k w g  (DESIGN §1, hierarchical estimator)
+            # 4. DMD gradient and generator update: d loss / dx = g_bar / numel
+            loss_g = dmd_loss(x, g_bar).mean()
+            if self._diagnostic_due():
+                metrics.update(self._split_half_diagnostic(x, labels))  # exact parameter-space (σ_b², σ_w²)
             metrics["grad_norm/generator"] = float(self._update(opt_g, loss_g, self.generator.parameters()))
             self._ema_update()
             metrics["loss/generator_dm"] = loss_g.item()
+            metrics.update(self._bookkeeping(t, w, g, N))
 
         # 5. fake-score update: the teacher's denoising loss on G's (detached) samples, t over the full range
         x0 = x.detach()
@@ -140,10 +153,148 @@ class DMDModule(L.LightningModule):
         self.step += 1
         self.accumulate(metrics)
 
-    def _step_generator(self) -> torch.Generator:
+    # ---------------------------------------------------------------------------------------------------------
+    # CARV: draws, the batched integrand, bookkeeping.
+
+    def _draw_timesteps(self, N: int, K: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
+        world, rank = (self.trainer.world_size if self._trainer is not None else 1), self.global_rank
+        if self.sampler.stratify == "global":  # every rank draws the same global strata and keeps its slice
+            shared = self._step_generator(rank_specific=False)
+            return self.sampler.sample(N, K, generator=shared, device=self.device, rank=rank, world_size=world)
+        return self.sampler.sample(N, K, generator=rng, device=self.device)
+
+    def _integrand(self, x: Tensor, labels: Tensor | None, t: Tensor, eps: Tensor) -> Tensor:
+        """Per-draw DMD integrand g(x_n, t_nk, eps_nk) for all N*K draws in batched calls of at most
+        `estimator.chunk_size` draws (never a Python loop over draws). x: (N, ...), t: (N, K), eps: (N*K, ...)."""
+        N, K = t.shape
+        x_rep = x.repeat_interleave(K, dim=0)  # (N*K, ...): sample n's draws are rows n*K .. n*K+K-1
+        labels_rep = labels.repeat_interleave(K) if labels is not None else None
+        t_flat = t.reshape(-1)
+        chunk = self.cfg.estimator.chunk_size or N * K
+        out = []
+        for s in range(0, N * K, chunk):
+            sl = slice(s, s + chunk)
+            lab = labels_rep[sl] if labels_rep is not None else None
+            x_t = self.teacher.schedule.add_noise(x_rep[sl], eps[sl], t_flat[sl])
+            mu_real = self.teacher(x_t, t_flat[sl], lab, guidance_scale=self.cfg.teacher.guidance_scale)
+            mu_fake = self.fake_score(x_t, t_flat[sl], lab)
+            out.append(dmd_grad(x_rep[sl], mu_real, mu_fake))
+        return torch.cat(out).view(N, K, *x.shape[1:])
+
+    def _bookkeeping(self, t: Tensor, w: Tensor, g: Tensor, N: int) -> dict[str, float]:
+        """Proposal statistics from this step's draws (used only for later steps), x-space ANOVA, choice of K."""
+        metrics: dict[str, float] = {"carv/K": float(t.shape[1])}
+        if self.costs:
+            metrics["carv/cost_upstream"], metrics["carv/cost_inner"] = self._cost_pair()
+        sq_norm = g.pow(2).flatten(2).sum(-1)  # (N, K): ||g||^2 of the unweighted integrand
+        self.sampler.record(t, sq_norm)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.sampler._pending:
+            for table in self.sampler._pending:  # every rank folds the same statistics: same q everywhere
+                torch.distributed.all_reduce(table)
+        self.sampler.update()
+        self.g_steps += 1
+        if t.shape[1] >= 2:  # one-way ANOVA over the K draws of each sample (x-space proxy, free)
+            sb2, sw2 = anova(w.view(*w.shape, *([1] * (g.dim() - 2))) * g)
+            metrics["carv/x_sigma_b2"], metrics["carv/x_sigma_w2"] = float(sb2), float(sw2)
+        e = self.cfg.estimator
+        if self.k_control.auto and self.g_steps % e.auto_every == 0 and self.costs:
+            c_u, c_i = self._cost_pair()
+            self.k_control.choose(N, c_u, c_i)
+        return metrics
+
+    def _cost_pair(self) -> tuple[float, float]:
+        key = "seconds" if self.cfg.estimator.cost == "time" else "flops"
+        return self.costs[f"upstream_{key}"], self.costs[f"inner_{key}"]
+
+    def _diagnostic_due(self) -> bool:
+        every = self.cfg.estimator.diagnostic_every
+        return bool(every) and self.g_steps % every == 0
+
+    def _split_half_diagnostic(self, x: Tensor, labels: Tensor | None) -> dict[str, float]:
+        """Exact parameter-space (σ_b², σ_w²) by the split-half estimate of DESIGN §1: halves i of the N samples,
+        halves A/B of K_d iid draws from the current proposal, four parameter gradients G_iA, G_iB. Its own noise
+        (seeded apart), gradients by autograd.grad: the training trajectory is unchanged."""
+        N, Kd = x.shape[0], self.cfg.estimator.diagnostic_K
+        rng = self._step_generator(salt=1)
+        t, w = self.sampler.sample(N, Kd, generator=rng, device=self.device, stratify="none")
+        eps = torch.randn((N * Kd, *x.shape[1:]), generator=rng, device=self.device)
+        with torch.no_grad():
+            y = w.view(*w.shape, *([1] * (x.dim() - 1))) * self._integrand(x.detach(), labels, t, eps)  # (N, Kd, ...)
+        params = [p for p in self.generator.parameters() if p.requires_grad]
+        grads = []
+        for half in (slice(0, N // 2), slice(N // 2, N)):
+            for draws in (slice(0, Kd // 2), slice(Kd // 2, Kd)):
+                loss = dmd_loss(x[half], y[half, draws].mean(1)).mean()
+                grads.append(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+        flat = [torch.cat([(gr if gr is not None else torch.zeros_like(p)).flatten()
+                           for gr, p in zip(G, params)]).double() for G in grads]
+        sigma_b2, sigma_w2 = (float(v) for v in split_half(*flat, N=N, K=Kd))
+        self.k_control.observe(sigma_b2, sigma_w2)
+        out = {"carv/sigma_b2": sigma_b2, "carv/sigma_w2": sigma_w2}
+        if self.costs and self.k_control.sigma_b2 is not None:
+            sb2, sw2 = max(self.k_control.sigma_b2, 0.0), max(self.k_control.sigma_w2, 0.0)
+            c_u, c_i = self._cost_pair()
+            K = self.k_control.K
+            out["carv/k_star"] = min(k_star(sb2, sw2, c_u, c_i), 4096.0)  # inf when σ_b² <= 0
+            # reuse at the current K against K = 1 (same proposal), per unit of compute (DESIGN §1, ECM)
+            out["carv/ecm"] = ecm(sb2 + sw2, c_u + c_i, sb2 + sw2 / K, c_u + K * c_i)
+            out["carv/ecm_oracle"] = ecm_oracle(sb2, sw2, c_u, c_i)
+        return out
+
+    @torch.no_grad()
+    def measure_costs(self, N: int, labels: Tensor | None = None) -> dict[str, float]:
+        """c_u (generator forward + backward, per sample) and c_i (teacher, with guidance if any, + fake score, per
+        draw), as FLOPs (torch.utils.flop_counter) and as wall time."""
+        import time
+
+        shape = (N, *self.sample_shape())
+        z = torch.zeros(shape, device=self.device)
+        t = torch.full((N,), (self.sampler.lo + self.sampler.hi) // 2, device=self.device, dtype=torch.long)
+
+        def upstream():
+            with torch.enable_grad():
+                out = self.generator(z, labels)
+                params = [p for p in self.generator.parameters() if p.requires_grad]
+                torch.autograd.grad(out.float().pow(2).sum(), params, allow_unused=True)
+
+        def inner():
+            self.teacher(z, t, labels, guidance_scale=self.cfg.teacher.guidance_scale)
+            self.fake_score(z, t, labels)
+
+        out = {}
+        for name, fn in (("upstream", upstream), ("inner", inner)):
+            out[f"{name}_flops"] = count_flops(fn) / N
+            fn()  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(3):
+                fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            out[f"{name}_seconds"] = (time.perf_counter() - t0) / 3 / N
+        # a network whose ops the FLOP counter cannot see (the closed-form mixture teacher) costs what it takes
+        for name in ("upstream", "inner"):
+            out[f"{name}_flops"] = max(out[f"{name}_flops"], 1.0)
+        return out
+
+    def sample_shape(self) -> tuple[int, ...]:
+        if isinstance(self.teacher, GaussianMixtureDenoiser):
+            return (self.teacher.mixture.dim,)
+        from distill.teachers import sample_shape_of
+
+        return tuple(sample_shape_of(self.teacher))
+
+    def on_fit_start(self) -> None:
+        if not self.costs:
+            N = max(1, self.cfg.data.batch_size // max(1, self.trainer.world_size))
+            labels = torch.zeros(N, dtype=torch.long, device=self.device) if self.conditional else None
+            self.costs = self.measure_costs(N, labels)
+
+    def _step_generator(self, rank_specific: bool = True, salt: int = 0) -> torch.Generator:
         """The step's noise comes from (seed, rank, step) alone: ranks draw different noise, and a resumed run
         draws exactly what the uninterrupted run would have, with no RNG state to carry."""
-        seed = np.random.SeedSequence([self.cfg.trainer.seed, self.global_rank, self.step]).generate_state(1)[0]
+        rank = self.global_rank if rank_specific else 2**31 - 1
+        entropy = [self.cfg.trainer.seed, rank, self.step] + ([salt] if salt else [])
+        seed = np.random.SeedSequence(entropy).generate_state(1)[0]
         return torch.Generator(device=self.device).manual_seed(int(seed))
 
     def _ema_update(self) -> None:
@@ -205,12 +356,19 @@ class DMDModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-        checkpoint["distill"] = {"step": self.step}
+        checkpoint["distill"] = {"step": self.step, "g_steps": self.g_steps, "sampler": self.sampler.state_dict(),
+                                 "k_control": self.k_control.state_dict(), "costs": dict(self.costs)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher is frozen and reloaded from its folder; put it back so strict loading sees every key.
         for k, v in self.teacher.state_dict().items():
             checkpoint["state_dict"][f"teacher.{k}"] = v
-        self.step = int(checkpoint["distill"]["step"])
+        state = checkpoint["distill"]
+        self.step = int(state["step"])
+        if "sampler" in state:
+            self.g_steps = int(state["g_steps"])
+            self.sampler.load_state_dict(state["sampler"])
+            self.k_control.load_state_dict(state["k_control"])
+            self.costs = dict(state["costs"])
         if self.step >= self.max_steps:
             self.max_steps = self.step  # nothing left to do; the fit loop stops after setup

@@ -134,28 +134,32 @@ class TimestepSampler:
         return ((t.long() - self.lo).clamp(0, width - 1) * self.bins // width).clamp(0, self.bins - 1)
 
     # -- drawing -----------------------------------------------------------------------------------------------
-    def _uniforms(self, N: int, K: int, generator, device, rank: int, world_size: int) -> Tensor:
+    def _uniforms(self, N: int, K: int, generator, device, rank: int, world_size: int, stratify: str) -> Tensor:
         """u in [0, 1), (N, K), float64; stratified as DESIGN §1 "Stratified inverse CDF": u = (k + U_k)/M."""
         kw = dict(generator=generator, device=device, dtype=torch.float64)
-        if self.stratify == "none":
+        if stratify == "none":
             return torch.rand(N, K, **kw)
-        if self.stratify == "per_sample":
+        if stratify == "per_sample":
             k = torch.arange(K, device=device, dtype=torch.float64)
             return (k + torch.rand(N, K, **kw)) / K  # u_k = (k + U_k)/K, K strata per outer sample
-        M = N * K * (world_size if self.stratify == "global" else 1)
+        M = N * K * (world_size if stratify == "global" else 1)
         u = (torch.arange(M, device=device, dtype=torch.float64) + torch.rand(M, **kw)) / M  # M strata
         perm = torch.randperm(M, generator=generator, device=device)  # random stratum for each (n, k) cell
-        if self.stratify == "global":
+        if stratify == "global":
             perm = perm[rank * N * K:(rank + 1) * N * K]  # rank r's slice of the global strata
         return u[perm].view(N, K)
 
     def sample(self, N: int, K: int, generator: torch.Generator | None = None, device=None, rank: int = 0,
-               world_size: int = 1) -> tuple[Tensor, Tensor]:
+               world_size: int = 1, stratify: str | None = None) -> tuple[Tensor, Tensor]:
         """(t, w), both (N, K): t long indices drawn from q, w = p(t)/q(t) float32 (never normalised or clipped).
 
         Tensors are created on `device`, else on the generator's device, else the CPU. rank/world_size are used by
-        stratify="global" only.
+        stratify="global" only. `stratify` overrides the sampler's own setting for this call (the split-half
+        diagnostic needs iid draws from the current q).
         """
+        stratify = self.stratify if stratify is None else stratify
+        if stratify not in STRATIFY:
+            raise ValueError(f"stratify: expected one of {STRATIFY}, got {stratify!r}")
         if not (isinstance(N, int) and N >= 1 and isinstance(K, int) and K >= 1):
             raise ValueError(f"N, K: expected ints >= 1, got N={N!r}, K={K!r}")
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
@@ -163,11 +167,11 @@ class TimestepSampler:
                              f"world_size={world_size!r}")
         device = torch.device(device) if device is not None else (
             generator.device if generator is not None else torch.device("cpu"))
-        if self._randint:  # the DMD2 reference draw, number for number (DESIGN §1, "t uniform over [0.02T, 0.98T]")
+        if self._randint and stratify == "none":  # the DMD2 reference draw, number for number (DESIGN §1, "t uniform over [0.02T, 0.98T]")
             t = torch.randint(self.lo, self.hi + 1, (N, K), generator=generator, device=device)
             return t, torch.ones(N, K, device=device)
         idx, cdf, w_table = self._tables(device)
-        u = self._uniforms(N, K, generator, device, rank, world_size)
+        u = self._uniforms(N, K, generator, device, rank, world_size, stratify)
         pos = torch.searchsorted(cdf, u.flatten(), right=True).clamp_(max=idx.numel() - 1)
         t = idx[pos].view(N, K)  # t = F_q^{-1}(u) on the discrete support (DESIGN §1)
         return t, w_table[t].float()  # ω(t) = p(t)/q(t) (DESIGN §1)
