@@ -158,6 +158,38 @@ class SampleGrid(L.Callback):
         self._write(trainer, pl_module)
 
 
+class ProposalPlot(L.Callback):
+    """plots/proposal_step_XXXXXXX.png (and W&B `carv/proposal`): q(t) over p(t) and the per-bin second moment of
+    the DMD integrand that the adaptive proposal learns from. Every `every` steps and at the end."""
+
+    def __init__(self, plots_dir: str | Path, every: int):
+        self.plots_dir = Path(plots_dir)
+        self.every = every
+        self._last = -1
+
+    def _write(self, trainer, pl_module) -> None:
+        step = pl_module.step
+        if step == self._last or not trainer.is_global_zero:
+            return
+        from distill.plots import proposal_image
+
+        s = pl_module.sampler
+        image = proposal_image(s.p, s.q, s.m2, s.seen, s.lo, s.hi,
+                               title=f"timestep proposal ({s.kind}, {s.stratify}), step {step}")
+        self._last = step
+        save_atomic(image, self.plots_dir / f"proposal_step_{step:07d}.png")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="carv/proposal", images=[image], step=step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every and pl_module.step % self.every == 0:
+            self._write(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module)
+
+
 class StepTimer(L.Callback):
     """time/step_seconds and time/samples_per_second, averaged over the logging window."""
 

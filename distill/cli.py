@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
               distill teacher --config configs/teacher-digits.yaml
               distill fit --config configs/digits.yaml trainer.max_steps=2000 run.dir=runs/my-run
               distill fit --config configs/gmm.yaml
+              distill bench variance --config configs/gmm.yaml --json bench.json
             Run `distill COMMAND --help` for every option of a command."""))
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -49,6 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override config keys, e.g. trainer.max_steps=100 run.dir=runs/x")
         sp.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    bench = sub.add_parser("bench", help="benchmarks that print tables and write JSON (never pass/fail)",
+                           formatter_class=_Formatter)
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    bv = bsub.add_parser(
+        "variance", formatter_class=_Formatter,
+        help="gradient variance and compute of the CARV estimators against the DMD2 baseline",
+        description="At one frozen training state (a checkpoint, or the end of a short warm-up run of the config), "
+                    "estimate the generator's parameter gradient R times with each estimator (baseline, K=4, K=16, "
+                    "K=16+adaptive, K=16+adaptive+stratified, auto) and report the trace of its covariance, the "
+                    "distance of its mean from the baseline's (with its standard error), FLOPs, seconds, ECM "
+                    "against the baseline at equal compute, and the oracle ECM.",
+        epilog=_config_help("FitConfig"))
+    bv.add_argument("--config", metavar="FILE", help="YAML config of the run (configs/digits.yaml, configs/gmm.yaml)")
+    bv.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    bv.add_argument("--ckpt", metavar="PATH", help="checkpoint to measure at (default: a short warm-up run)")
+    bv.add_argument("--replicates", type=int, default=32, metavar="R", help="gradient estimates per estimator [32]")
+    bv.add_argument("--warmup-steps", type=int, default=200, metavar="S",
+                    help="steps of the warm-up run when no --ckpt is given [200]")
+    bv.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    bv.add_argument("--json", metavar="OUT", help="write the table as JSON here")
 
     data = sub.add_parser("data", help="write webdataset shards (digits, or a folder of images)",
                           description="Write webdataset tar shards: train-*.tar, val-*.tar and meta.json.",
@@ -119,6 +141,7 @@ def _loggers(cfg, run_dir: Path):
 
 
 def _trainer(cfg, run_dir: Path, callbacks: list, progress_desc: str):
+    """The Lightning Trainer with distill's callbacks; `callbacks` adds command-specific ones."""
     import lightning as L
 
     from distill.callbacks import AtomicCheckpointIO, SampleGrid, StepCheckpoint, StepProgressBar, StepTimer
@@ -198,7 +221,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="", flush=True)
         save_config(cfg, run_dir)
         CSVLogger(run_dir / "metrics.csv").truncate_after(step)
-    trainer = _trainer(cfg, run_dir, [], "distill fit")
+    from distill.callbacks import ProposalPlot
+
+    plot_every = cfg.logging.proposal_plot_every_steps
+    trainer = _trainer(cfg, run_dir, [ProposalPlot(run_dir / "plots", plot_every)] if plot_every else [],
+                       "distill fit")
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.is_global_zero:
@@ -296,7 +323,26 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "teacher": cmd_teacher, "data": cmd_data}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from distill.bench import bench_variance, format_table, unbiased, write_json
+    from distill.config import FitConfig, load_config
+
+    cfg = load_config(FitConfig, args.config, args.overrides)
+    if args.replicates < 2:
+        raise DistillError(f"--replicates {args.replicates}: expected an integer >= 2")
+    if args.ckpt is not None and not Path(args.ckpt).is_file():
+        raise DistillError(f"--ckpt {args.ckpt!r} does not exist; expected a checkpoint file (runs/.../last.ckpt)")
+    result = bench_variance(cfg, args.ckpt, args.replicates, args.warmup_steps, device=args.device,
+                            config_path=args.config, overrides=args.overrides)
+    print(format_table(result))
+    print(f"\nunbiased (every mean within 3 standard errors of the baseline's): {unbiased(result)}")
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "teacher": cmd_teacher, "data": cmd_data, "bench": cmd_bench}
 
 
 def _quiet_known_noise() -> None:

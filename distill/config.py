@@ -98,6 +98,8 @@ class LoggingConfig:
     project: str = _f("distill", "W&B project")
     samples_every_steps: int = _f(100, "write a sample grid PNG every this many steps (0: only at the end)")
     samples_per_class: int = _f(8, "columns of the sample grid (one row per class)")
+    proposal_plot_every_steps: int = _f(500, "plot the timestep proposal q(t) to plots/ every this many steps "
+                                             "(0: never)")
     progress_bar: bool = _f(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -106,6 +108,8 @@ class LoggingConfig:
         _check(self.samples_every_steps >= 0, "logging.samples_every_steps", "an integer >= 0",
                self.samples_every_steps)
         _check(self.samples_per_class >= 1, "logging.samples_per_class", "an integer >= 1", self.samples_per_class)
+        _check(self.proposal_plot_every_steps >= 0, "logging.proposal_plot_every_steps", "an integer >= 0",
+               self.proposal_plot_every_steps)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -55,3 +55,38 @@ def scatter_image(points: Tensor, reference: Tensor | None = None, title: str = 
     arr = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy()
     plt.close(fig)
     return Image.fromarray(arr)
+
+
+def proposal_image(p: Tensor, q: Tensor, m2: Tensor | None = None, seen: Tensor | None = None, lo: int = 0,
+                   hi: int | None = None, title: str = "") -> Image.Image:
+    """The timestep proposal q(t) over the base p(t), with the per-bin second moment E||g||^2 that drives it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    T = p.numel()
+    hi = T - 1 if hi is None else hi
+    t = np.arange(T)
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(t, p.double().cpu().numpy(), color="tab:gray", lw=1.5, label="p(t) (base)")
+    ax.plot(t, q.double().cpu().numpy(), color="tab:blue", lw=1.5, label="q(t) (proposal)")
+    ax.set_xlabel("time index t")
+    ax.set_ylabel("probability")
+    if m2 is not None and seen is not None and bool(seen.any()):
+        ax2 = ax.twinx()
+        bins = m2.numel()
+        edges = np.linspace(lo, hi + 1, bins + 1)
+        centers = 0.5 * (edges[:-1] + edges[1:])
+        vals = m2.double().cpu().numpy().copy()
+        vals[~seen.cpu().numpy()] = np.nan
+        ax2.plot(centers, vals, "o", ms=3, color="tab:orange", label="E||g||^2 per bin")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("second moment", color="tab:orange")
+    ax.legend(loc="upper right", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.canvas.draw()
+    arr = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy()
+    plt.close(fig)
+    return Image.fromarray(arr)
