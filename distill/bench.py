@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from distill.carv import TimestepSampler, dmd_timestep_p, ecm, ecm_oracle, optimal_k, split_half
+from distill.carv import TimestepSampler, dmd_timestep_p, ecm, ecm_oracle, optimal_k
 from distill.carv.controller import weighted_mean
 from distill.config import FitConfig
 from distill.losses import dmd_loss

@@ -190,6 +190,151 @@ class ProposalPlot(L.Callback):
         self._write(trainer, pl_module)
 
 
+class GradientVariance(L.Callback):
+    """variance/*: the parameter-space trace variance of the configured estimator and of the DMD2 baseline at equal
+    compute, from split-half estimates on the callback's own noise (DESIGN §1):
+
+        Var_method   = σ_b²/N + σ_w²(q)/(N K)                   (iid draws from the current proposal q)
+        Var_baseline = (σ_b² + σ_w²(p)) / N',  N' = N (c_u + K c_i) / (c_u + c_i)   (K = 1, q = p, same compute)
+
+    and their ratio, which is the ECM against the baseline. Stratification lowers Var_method further than this
+    iid figure shows (`distill bench variance` measures it directly). Observes only: no .grad, no state changes,
+    its own random numbers."""
+
+    def __init__(self, every: int, draws: int = 4):
+        self.every = every
+        self.draws = draws
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.every or pl_module.step % self.every or not pl_module.costs:
+            return
+        import numpy as np
+
+        from distill.carv import TimestepSampler
+
+        m = pl_module
+        x_real, labels = batch
+        N = x_real.shape[0] - x_real.shape[0] % 2
+        seed = np.random.SeedSequence([m.cfg.trainer.seed, m.global_rank, m.step, 2]).generate_state(1)[0]
+        rng = torch.Generator(device=m.device).manual_seed(int(seed))
+        z = torch.randn((N, *x_real.shape[1:]), generator=rng, device=m.device)
+        labels = labels[:N] if (labels is not None and m.conditional) else None
+        with torch.enable_grad():
+            x = m.generator(z, labels)
+            sb, sw_q = m.split_half_estimate(x, labels, m.sampler, self.draws, rng)
+            if m.sampler.kind == "uniform":  # q = p: the same estimate serves both (no extra noise in the ratio)
+                sb_p, sw_p = sb, sw_q
+            else:
+                sb_p, sw_p = m.split_half_estimate(x, labels, TimestepSampler(m.sampler.p), self.draws, rng)
+        K = m.k_control.K
+        c_u, c_i = m._cost_pair()
+        var_method = max(sb, 0.0) / N + max(sw_q, 0.0) / (N * K)
+        n_equal = N * (c_u + K * c_i) / (c_u + c_i)
+        var_base = (max(sb_p, 0.0) + max(sw_p, 0.0)) / n_equal
+        m.accumulate({"variance/estimator": var_method, "variance/baseline_equal_compute": var_base,
+                      "variance/ratio": var_base / var_method if var_method > 0 else float("nan"),
+                      "variance/sigma_b2": sb, "variance/sigma_w2_proposal": sw_q, "variance/sigma_w2_uniform": sw_p})
+
+
+class FIDMonitor(L.Callback):
+    """fid/ema and fid/raw_generator every `every` steps and at the end: each rank generates its share of the
+    samples (noise seeded by sample index, balanced labels), torchmetrics accumulates the fake features and syncs
+    them across ranks; the real side is the reference statistics (from `eval.fid_ref`, or computed once at start
+    from the training shards or the mixture). Keeps checkpoints/best.ckpt at the best fid/ema."""
+
+    def __init__(self, cfg, ckpt_dir: str | Path):
+        self.cfg = cfg
+        self.every = cfg.eval.fid_every_steps
+        self.ckpt_dir = Path(ckpt_dir)
+        self.best = float("inf")
+        self.metrics = None
+        self._last = -1
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = float(state.get("best", float("inf")))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        import math
+
+        from distill import metrics as M
+
+        e = self.cfg.eval
+        shape = pl_module.sample_shape()
+        if e.features == "raw":
+            extractor = M.build_extractor("raw", num_features=int(math.prod(shape)))
+        else:
+            extractor = M.build_extractor(e.features, e.inception_weights if e.features == "inception"
+                                          else e.features_path)
+        extractor = extractor.to(pl_module.device).eval()
+        if e.fid_ref is not None:
+            ref = M.load_stats(e.fid_ref, expected_extractor_id=extractor.extractor_id)
+        elif self.cfg.teacher.kind == "gmm":
+            x, _ = pl_module.teacher.mixture.sample(10_000, generator=torch.Generator().manual_seed(0))
+            ref = M.compute_stats(extractor, [x.to(pl_module.device)])
+        else:
+            from distill.data import iterate_split
+
+            ref = M.compute_stats(extractor, iterate_split(self.cfg.data.path, "train", batch_size=256))
+        self.ref_n = int(ref["n"])
+        self.metrics = {name: self._metric(M.make_fid_metric(extractor), ref, trainer.global_rank, pl_module.device)
+                        for name in ("ema", "raw_generator")}
+        self.extractor_id = extractor.extractor_id
+
+    @staticmethod
+    def _metric(metric, ref: dict, rank: int, device):
+        """Real-side states from (mu, sigma, n) on rank 0 only (the states are summed across ranks)."""
+        metric = metric.to(device)
+        n = max(int(ref["n"]), 2)
+        mu = torch.as_tensor(ref["mu"], dtype=torch.float64, device=device)
+        sigma = torch.as_tensor(ref["sigma"], dtype=torch.float64, device=device)
+        if rank == 0:
+            metric.real_features_sum = mu * n
+            metric.real_features_cov_sum = sigma * (n - 1) + n * torch.outer(mu, mu)
+            metric.real_features_num_samples = torch.tensor(n, device=device)
+        return metric
+
+    @torch.no_grad()
+    def _evaluate(self, trainer, pl_module) -> None:
+        from distill.evaluate import generator_batches
+
+        step = pl_module.step
+        if step == self._last or self.metrics is None:
+            return
+        self._last = step
+        e = self.cfg.eval
+        world, rank = trainer.world_size, trainer.global_rank
+        share = [e.fid_num_samples // world + (r < e.fid_num_samples % world) for r in range(world)]
+        start = sum(share[:rank])
+        shape = pl_module.sample_shape()
+        num_classes = getattr(pl_module.teacher, "num_classes", None)
+        out = {}
+        for name, model in (("ema", pl_module.ema), ("raw_generator", pl_module.generator)):
+            metric = self.metrics[name]
+            metric.reset()  # keeps the real side (reset_real_features=False)
+            for batch in generator_batches(model, shape, num_classes, share[rank], e.fid_batch_size,
+                                           self.cfg.trainer.seed, pl_module.device, start=start):
+                metric.update(batch, real=False)
+            out[f"fid/{name}"] = float(metric.compute())
+        out["fid/num_samples"] = float(e.fid_num_samples)
+        pl_module.accumulate(out)
+        if out["fid/ema"] < self.best:
+            self.best = out["fid/ema"]
+            trainer.save_checkpoint(self.ckpt_dir / "best.ckpt")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every and pl_module.step % self.every == 0:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.every:
+            self._evaluate(trainer, pl_module)
+            if self._last == pl_module.step:  # logged after the last regular log: write it now
+                pl_module.flush_metrics()
+
+
 class StepTimer(L.Callback):
     """time/step_seconds and time/samples_per_second, averaged over the logging window."""
 

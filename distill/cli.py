@@ -72,6 +72,47 @@ def build_parser() -> argparse.ArgumentParser:
     bv.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
     bv.add_argument("--json", metavar="OUT", help="write the table as JSON here")
 
+    st = sub.add_parser("stats", help="reference statistics (mu, sigma) of a shard folder's features, for FID",
+                        formatter_class=_Formatter,
+                        description="Features of every image of a split -> an npz with mu, sigma, the sample count "
+                                    "and the extractor id. FID refuses statistics made with another extractor.")
+    st.add_argument("--data", required=True, metavar="SHARDS", help="folder of shards (train-*.tar, val-*.tar)")
+    st.add_argument("--out", required=True, metavar="FILE", help="output .npz")
+    st.add_argument("--features", default="digits", choices=("digits", "inception", "raw"), help="extractor [digits]")
+    st.add_argument("--split", default="train", help="which split to read [train]")
+    st.add_argument("--max-samples", type=int, default=None, metavar="N", help="stop after N images [all]")
+    st.add_argument("--features-path", metavar="FILE", help="digits classifier weights [the shipped one]")
+    st.add_argument("--inception-weights", metavar="FILE", help="Inception weights [env DISTILL_INCEPTION_WEIGHTS]")
+
+    fd = sub.add_parser("fid", help="FID of checkpoints (or of the teacher) against reference statistics",
+                        formatter_class=_Formatter,
+                        description="PATH is a checkpoint, a run directory or its checkpoints/ folder. Each checkpoint "
+                                    "not yet in the folder's fid_results.csv is evaluated (EMA one-step generator, "
+                                    "balanced labels, fixed noise) and appended as a row: path, step, model, FID, "
+                                    "samples, extractor, seconds. --teacher-steps S evaluates the run's teacher "
+                                    "with an S-step DDIM sampler instead, on the same protocol.")
+    fd.add_argument("path", metavar="PATH", help="checkpoint file, run directory, or checkpoints folder")
+    fd.add_argument("--ref", required=True, metavar="FILE", help="reference statistics (.npz from `distill stats`)")
+    fd.add_argument("--num-samples", type=int, default=1000, metavar="N", help="generated samples per FID [1000]")
+    fd.add_argument("--features", default=None, choices=("digits", "inception", "raw"),
+                    help="extractor [the run's eval.features]")
+    fd.add_argument("--features-path", metavar="FILE", help="digits classifier weights [the shipped one]")
+    fd.add_argument("--inception-weights", metavar="FILE", help="Inception weights [env DISTILL_INCEPTION_WEIGHTS]")
+    fd.add_argument("--teacher-steps", type=int, default=None, metavar="S",
+                    help="evaluate the teacher with S DDIM steps instead of the checkpoints")
+    fd.add_argument("--batch-size", type=int, default=250, metavar="B", help="samples per call [250]")
+    fd.add_argument("--seed", type=int, default=0, help="noise seed of the protocol [0]")
+    fd.add_argument("--device", default="auto", help="cpu, cuda or auto [auto]")
+    fd.add_argument("--json", metavar="OUT", help="also write this call's rows as JSON")
+    fd.add_argument("--no-wandb", action="store_true", help="do not log the results to W&B")
+
+    cl = sub.add_parser("classifier", help="train the small digits classifier used as the digits FID feature",
+                        formatter_class=_Formatter)
+    cl.add_argument("--data", required=True, metavar="SHARDS", help="digits shards (train and val splits)")
+    cl.add_argument("--out", required=True, metavar="DIR", help="output folder (classifier.pt, classifier.json)")
+    cl.add_argument("--steps", type=int, default=2000, help="training steps [2000]")
+    cl.add_argument("--seed", type=int, default=0, help="seed [0]")
+
     data = sub.add_parser("data", help="write webdataset shards (digits, or a folder of images)",
                           description="Write webdataset tar shards: train-*.tar, val-*.tar and meta.json.",
                           formatter_class=_Formatter)
@@ -197,35 +238,57 @@ def _is_rank_zero() -> bool:
         int(os.environ.get("NODE_RANK", "0")) == 0
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    from distill.config import FitConfig, load_config, save_config, to_yaml
+def _load_run_config(schema_name: str, args: argparse.Namespace):
+    """The resolved config of a training command and its run directory (checked, not yet created); None when
+    --print-config only asked to see it."""
+    from distill import config
 
-    cfg = load_config(FitConfig, args.config, args.overrides)
+    cfg = config.load_config(getattr(config, schema_name), args.config, args.overrides)
     if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
+        print(config.to_yaml(cfg), end="")
+        return None, None
     run_dir = Path(cfg.run.dir)
     _check_writable(run_dir)
+    return cfg, run_dir
+
+
+def _start_run(cfg, run_dir: Path, step: int) -> None:
+    """Everything is checked: create the run directory, print and save the config, align the CSV with `step`."""
+    if not _is_rank_zero():
+        return
+    from distill.callbacks import CSVLogger
+    from distill.config import save_config, to_yaml
+
+    _make_run_dir(run_dir)
+    print(to_yaml(cfg), end="", flush=True)
+    save_config(cfg, run_dir)
+    CSVLogger(run_dir / "metrics.csv").truncate_after(step)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    cfg, run_dir = _load_run_config("FitConfig", args)
+    if cfg is None:
+        return 0
 
     import lightning as L
 
-    from distill.callbacks import CSVLogger
     from distill.module import DMDModule
 
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = DMDModule(cfg)  # loads the teacher: a bad folder fails here, before anything is written
     ckpt, step = _resume(run_dir)
     datamodule = _fit_data(cfg, module, _data_seed(cfg.trainer.seed, step))
-    if _is_rank_zero():  # everything is checked: from here on the run directory is written
-        _make_run_dir(run_dir)
-        print(to_yaml(cfg), end="", flush=True)
-        save_config(cfg, run_dir)
-        CSVLogger(run_dir / "metrics.csv").truncate_after(step)
-    from distill.callbacks import ProposalPlot
+    _start_run(cfg, run_dir, step)
+    from distill.callbacks import FIDMonitor, GradientVariance, ProposalPlot
 
-    plot_every = cfg.logging.proposal_plot_every_steps
-    trainer = _trainer(cfg, run_dir, [ProposalPlot(run_dir / "plots", plot_every)] if plot_every else [],
-                       "distill fit")
+    extra = []
+    if cfg.eval.fid_every_steps:
+        extra.append(FIDMonitor(cfg, run_dir / "checkpoints"))
+    if cfg.logging.proposal_plot_every_steps:
+        extra.append(ProposalPlot(run_dir / "plots", cfg.logging.proposal_plot_every_steps))
+    if cfg.eval.variance_every_steps:
+        extra.append(GradientVariance(cfg.eval.variance_every_steps, cfg.estimator.diagnostic_K))
+    trainer = _trainer(cfg, run_dir, extra, "distill fit")
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.is_global_zero:
@@ -264,18 +327,12 @@ def _fit_data(cfg, module, seed: int):
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    from distill.config import TeacherTrainConfig, load_config, save_config, to_yaml
-
-    cfg = load_config(TeacherTrainConfig, args.config, args.overrides)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
+    cfg, run_dir = _load_run_config("TeacherTrainConfig", args)
+    if cfg is None:
         return 0
-    run_dir = Path(cfg.run.dir)
-    _check_writable(run_dir)
 
     import lightning as L
 
-    from distill.callbacks import CSVLogger
     from distill.data import ShardDataModule, read_meta
     from distill.pretrain import TeacherModule
     from distill.plots import save_atomic
@@ -288,11 +345,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     ckpt, step = _resume(run_dir)
     datamodule = ShardDataModule(cfg.data.path, cfg.data.batch_size // world, num_workers=cfg.data.num_workers,
                                  seed=_data_seed(cfg.trainer.seed, step), shuffle_buffer=cfg.data.shuffle_buffer)
-    if _is_rank_zero():
-        _make_run_dir(run_dir)
-        print(to_yaml(cfg), end="", flush=True)
-        save_config(cfg, run_dir)
-        CSVLogger(run_dir / "metrics.csv").truncate_after(step)
+    _start_run(cfg, run_dir, step)
     trainer = _trainer(cfg, run_dir, [], "distill teacher")
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
@@ -342,7 +395,118 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "teacher": cmd_teacher, "data": cmd_data, "bench": cmd_bench}
+def _extractor(name: str, features_path: str | None, inception_weights: str | None, num_features: int | None = None):
+    from distill import metrics
+
+    path = inception_weights if name == "inception" else features_path
+    if name == "raw":
+        return metrics.build_extractor("raw", num_features=num_features)
+    return metrics.build_extractor(name, path)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from distill.data import iterate_split, read_meta
+    from distill.metrics import compute_stats, save_stats
+
+    meta = read_meta(args.data)
+    dim = int(meta["channels"]) * int(meta["resolution"][0]) * int(meta["resolution"][1])
+    extractor = _extractor(args.features, args.features_path, args.inception_weights, num_features=dim)
+    stats = compute_stats(extractor, iterate_split(args.data, args.split, batch_size=256),
+                          max_samples=args.max_samples, progress=True)
+    save_stats(args.out, stats)
+    print(f"wrote {args.out}: {stats['n']} samples of {args.data} ({args.split}), features {stats['extractor_id']}")
+    return 0
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    from distill import evaluate as ev
+    from distill.metrics import fid_against_stats, load_stats
+
+    if args.num_samples < 2:
+        raise DistillError(f"--num-samples {args.num_samples}: expected an integer >= 2")
+    if not Path(args.ref).is_file():
+        raise DistillError(f"--ref {args.ref!r} does not exist; expected reference statistics from `distill stats`")
+    device = _device(args.device)
+    ckpts = ev.list_checkpoint_files(args.path)
+    folder = ckpts[0].parent
+    results_path = folder / ev.RESULTS_FILE
+    done = {(r["path"], r["model"], r["samples"], r["extractor"]) for r in ev.read_results(results_path)}
+    rows = []
+    targets = ckpts if args.teacher_steps is None else ckpts[-1:]
+    for ckpt in targets:
+        module, step = ev.load_checkpoint_module(ckpt, device)
+        cfg = module.cfg
+        features = args.features or cfg.eval.features
+        shape = module.sample_shape()
+        extractor = _extractor(features, args.features_path or cfg.eval.features_path,
+                               args.inception_weights or cfg.eval.inception_weights,
+                               num_features=int(__import__("math").prod(shape))).to(device)
+        ref = load_stats(args.ref, expected_extractor_id=extractor.extractor_id)
+        if args.teacher_steps is not None:
+            model = f"teacher-{args.teacher_steps}step"
+            path = str(cfg.teacher.path if cfg.teacher.kind == "diffusers" else "gmm")
+            batches = ev.teacher_batches(module.teacher, shape, args.num_samples, args.batch_size,
+                                         args.teacher_steps, cfg.teacher.guidance_scale, args.seed, device)
+        else:
+            model, path = "ema-1step", str(ckpt)
+            batches = ev.generator_batches(module.ema, shape, getattr(module.teacher, "num_classes", None),
+                                           args.num_samples, args.batch_size, args.seed, device)
+        key = (path, model, str(args.num_samples), extractor.extractor_id)
+        if key in done:
+            print(f"skipping {path} ({model}): already in {results_path}")
+            continue
+        result, seconds = ev.timed(fid_against_stats, extractor, batches, ref, progress=True)
+        row = {"path": path, "step": "" if args.teacher_steps is not None else step, "model": model, "fid": result["fid"], "samples": result["n"],
+               "extractor": result["extractor_id"], "seconds": round(seconds, 2)}
+        ev.append_result(results_path, row)
+        rows.append(row)
+    all_rows = ev.read_results(results_path)
+    print(ev.format_results(all_rows))
+    print(f"results: {results_path}")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if rows and not args.no_wandb:
+        _log_fid_to_wandb(folder, rows)
+    return 0
+
+
+def _log_fid_to_wandb(folder: Path, rows: list[dict]) -> None:
+    """A W&B run of job type `fid`, grouped with the training run (same id file), offline unless WANDB_MODE says."""
+    run_dir = folder.parent if folder.name == "checkpoints" else folder
+    id_file = run_dir / "wandb_id.txt"
+    if not id_file.is_file():
+        return
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "distill"), group=id_file.read_text().strip(),
+                     job_type="fid", dir=str(run_dir), mode=os.environ.get("WANDB_MODE", "offline"),
+                     name=f"{run_dir.name}-fid")
+    table = wandb.Table(columns=list(rows[0].keys()), data=[list(r.values()) for r in rows])
+    run.log({"fid/results": table, **{f"fid/{r['model']}": r["fid"] for r in rows[-1:]}})
+    run.finish()
+
+
+def cmd_classifier(args: argparse.Namespace) -> int:
+    from distill.metrics import train_digits_classifier
+
+    info = train_digits_classifier(args.data, args.out, steps=args.steps, seed=args.seed)
+    print(f"saved {args.out}/classifier.pt: val accuracy {info['val_accuracy']:.4f}, features {info['extractor_id']}")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "teacher": cmd_teacher, "data": cmd_data, "bench": cmd_bench, "stats": cmd_stats,
+            "fid": cmd_fid, "classifier": cmd_classifier}
 
 
 def _quiet_known_noise() -> None:
@@ -353,6 +517,7 @@ def _quiet_known_noise() -> None:
     for message in (r"Found \d+ module\(s\) in eval mode",  # the frozen teacher and the EMA copy, on purpose
                     r".*weights_only.*", r".*LeafSpec.*", r".*anonymous setting.*"):
         warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("diffusers").setLevel(logging.ERROR)  # "accelerate not found": harmless here
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not str(record.getMessage()).startswith("💡"))  # advertisements for other products
 

@@ -253,6 +253,32 @@ class OptimConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation while training: FID of the one-step generator, gradient variance of the estimator."""
+
+    fid_every_steps: int = _f(0, "FID of the EMA (and raw) generator every this many steps, and at the end (0: off)")
+    fid_num_samples: int = _f(1000, "generated samples per FID evaluation (split across ranks)")
+    fid_batch_size: int = _f(250, "samples per generator / feature-extractor call during FID")
+    features: str = _f("digits", "FID features: digits (the shipped classifier) | inception (2048-d pool, weights "
+                                 "from inception_weights) | raw (the data itself, for 2-D mixtures)")
+    features_path: Optional[str] = _f(None, "weights of the digits classifier (default: the shipped one)")
+    inception_weights: Optional[str] = _f(None, "local Inception weights file (or env DISTILL_INCEPTION_WEIGHTS)")
+    fid_ref: Optional[str] = _f(None, "reference statistics (.npz from `distill stats`, or EDM-style mu/sigma); "
+                                      "default: computed at start from data.path's train split (or the mixture)")
+    variance_every_steps: int = _f(0, "gradient variance of the estimator vs the baseline at equal compute, every "
+                                      "this many steps (0: off)")
+
+    def __post_init__(self) -> None:
+        _check(self.fid_every_steps >= 0, "eval.fid_every_steps", "an integer >= 0", self.fid_every_steps)
+        _check(self.fid_num_samples >= 2, "eval.fid_num_samples", "an integer >= 2", self.fid_num_samples)
+        _check(self.fid_batch_size >= 1, "eval.fid_batch_size", "an integer >= 1", self.fid_batch_size)
+        _check(self.features in ("digits", "inception", "raw"), "eval.features", "one of digits, inception, raw",
+               self.features)
+        _check(self.variance_every_steps >= 0, "eval.variance_every_steps", "an integer >= 0",
+               self.variance_every_steps)
+
+
+@dataclass
 class FitConfig:
     """`distill fit`: distil a teacher into a one-step generator."""
 
@@ -265,6 +291,7 @@ class FitConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         """Checks that span sections or touch the file system."""
@@ -296,7 +323,13 @@ class FitConfig:
             _check(world > 1, "estimator.stratify", "global only with several devices (trainer.devices x "
                    "trainer.num_nodes > 1); use batch on one device", e.stratify)
         per_device = self.data.batch_size // world
-        if e.diagnostic_every:
+        if self.eval.fid_ref is not None and not os.path.isfile(self.eval.fid_ref):
+            raise ConfigError("eval.fid_ref", f"file {self.eval.fid_ref!r} does not exist; expected reference "
+                              f"statistics from `distill stats` (or an EDM-style npz with mu and sigma)")
+        if self.teacher.kind == "gmm" and self.eval.fid_every_steps:
+            _check(self.eval.features == "raw", "eval.features", "raw for the 2-D mixture teacher",
+                   self.eval.features)
+        if e.diagnostic_every or self.eval.variance_every_steps:
             _check(per_device >= 2 and per_device % 2 == 0, "data.batch_size",
                    f"an even number of samples per device for the split-half diagnostic (got {per_device})",
                    self.data.batch_size)

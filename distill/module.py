@@ -210,13 +210,13 @@ class DMDModule(L.LightningModule):
         every = self.cfg.estimator.diagnostic_every
         return bool(every) and self.g_steps % every == 0
 
-    def _split_half_diagnostic(self, x: Tensor, labels: Tensor | None) -> dict[str, float]:
-        """Exact parameter-space (σ_b², σ_w²) by the split-half estimate of DESIGN §1: halves i of the N samples,
-        halves A/B of K_d iid draws from the current proposal, four parameter gradients G_iA, G_iB. Its own noise
-        (seeded apart), gradients by autograd.grad: the training trajectory is unchanged."""
-        N, Kd = x.shape[0], self.cfg.estimator.diagnostic_K
-        rng = self._step_generator(salt=1)
-        t, w = self.sampler.sample(N, Kd, generator=rng, device=self.device, stratify="none")
+    def split_half_estimate(self, x: Tensor, labels: Tensor | None, sampler: TimestepSampler, Kd: int,
+                            rng: torch.Generator) -> tuple[float, float]:
+        """Exact parameter-space (σ_b², σ_w²) by the split-half estimate of DESIGN §1: halves i of the N samples
+        (x = G(z) with its graph), halves A/B of Kd iid draws from `sampler`'s current q, four parameter gradients
+        G_iA, G_iB by autograd.grad (nothing accumulates in .grad; no state changes)."""
+        N = x.shape[0]
+        t, w = sampler.sample(N, Kd, generator=rng, device=self.device, stratify="none")
         eps = torch.randn((N * Kd, *x.shape[1:]), generator=rng, device=self.device)
         with torch.no_grad():
             y = w.view(*w.shape, *([1] * (x.dim() - 1))) * self._integrand(x.detach(), labels, t, eps)  # (N, Kd, ...)
@@ -229,6 +229,12 @@ class DMDModule(L.LightningModule):
         flat = [torch.cat([(gr if gr is not None else torch.zeros_like(p)).flatten()
                            for gr, p in zip(G, params)]).double() for G in grads]
         sigma_b2, sigma_w2 = (float(v) for v in split_half(*flat, N=N, K=Kd))
+        return sigma_b2, sigma_w2
+
+    def _split_half_diagnostic(self, x: Tensor, labels: Tensor | None) -> dict[str, float]:
+        """The diagnostic step: split-half (σ_b², σ_w²) on its own noise, folded into the K controller."""
+        rng = self._step_generator(salt=1)
+        sigma_b2, sigma_w2 = self.split_half_estimate(x, labels, self.sampler, self.cfg.estimator.diagnostic_K, rng)
         self.k_control.observe(sigma_b2, sigma_w2)
         out = {"carv/sigma_b2": sigma_b2, "carv/sigma_w2": sigma_w2}
         if self.costs and self.k_control.sigma_b2 is not None:
@@ -310,16 +316,22 @@ class DMDModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx) -> int | None:
         return -1 if self.step >= self.max_steps else None  # -1 ends the (endless) epoch, and with it the fit
 
+    def flush_metrics(self) -> None:
+        """Write the running means of the window to every logger at the current step."""
+        means = {k: sum(v) / len(v) for k, v in self._acc.items() if v}
+        self._acc.clear()
+        if not means:
+            return
+        if "time/step_seconds" in means:
+            means["time/samples_per_second"] = self.cfg.data.batch_size / means["time/step_seconds"]
+        means["train/step"] = self.step
+        for logger in self.loggers:
+            logger.log_metrics(means, step=self.step)
+        self.progress_postfix = {k.split("/")[-1]: v for k, v in means.items() if k.startswith("loss/")}
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.step % self.cfg.trainer.log_every_steps == 0 or self.step >= self.max_steps:
-            means = {k: sum(v) / len(v) for k, v in self._acc.items() if v}
-            self._acc.clear()
-            if "time/step_seconds" in means:
-                means["time/samples_per_second"] = self.cfg.data.batch_size / means["time/step_seconds"]
-            means["train/step"] = self.step
-            for logger in self.loggers:
-                logger.log_metrics(means, step=self.step)
-            self.progress_postfix = {k.split("/")[-1]: v for k, v in means.items() if k.startswith("loss/")}
+            self.flush_metrics()
         if self.step >= self.max_steps:
             self.trainer.should_stop = True
 
@@ -356,7 +368,9 @@ class DMDModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-        checkpoint["distill"] = {"step": self.step, "g_steps": self.g_steps, "sampler": self.sampler.state_dict(),
+        from distill.config import to_yaml
+
+        checkpoint["distill"] = {"step": self.step, "config": to_yaml(self.cfg), "g_steps": self.g_steps, "sampler": self.sampler.state_dict(),
                                  "k_control": self.k_control.state_dict(), "costs": dict(self.costs)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -50,6 +50,13 @@ def scatter_image(points: Tensor, reference: Tensor | None = None, title: str = 
     ax.set_aspect("equal")
     ax.legend(loc="upper right", fontsize=7)
     ax.set_title(title, fontsize=9)
+    return _to_image(fig)
+
+
+def _to_image(fig) -> Image.Image:
+    """Render a matplotlib figure to a PIL image and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.canvas.draw()
     arr = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy()
@@ -85,8 +92,4 @@ def proposal_image(p: Tensor, q: Tensor, m2: Tensor | None = None, seen: Tensor 
         ax2.set_ylabel("second moment", color="tab:orange")
     ax.legend(loc="upper right", fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.canvas.draw()
-    arr = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy()
-    plt.close(fig)
-    return Image.fromarray(arr)
+    return _to_image(fig)

@@ -1,0 +1,93 @@
+"""Evaluation and monitoring end to end: FID and variance in a short fit, `distill fid` over checkpoints,
+`distill stats`, and the errors a user can cause."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ref_stats(digits_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ref.npz"
+    r = run_cli("stats", "--data", str(digits_shards), "--features", "digits", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(out) as f:
+        assert f["mu"].shape == (64,) and f["sigma"].shape == (64, 64) and int(f["n"]) == 1617
+        assert str(f["extractor_id"]).startswith("digits-cnn:")
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_with_eval(tiny_teacher, digits_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    r = run_cli("fit", "--config", "configs/digits.yaml", f"run.dir={run_dir}", f"teacher.path={tiny_teacher}",
+                f"data.path={digits_shards}", "data.batch_size=8", "trainer.max_steps=8", "optim.ttur=2",
+                "trainer.checkpoint_every_steps=4", "trainer.log_every_steps=4", "logging.samples_every_steps=4",
+                "logging.progress_bar=false", "eval.fid_every_steps=4", "eval.fid_num_samples=40",
+                "eval.variance_every_steps=4", "estimator.K=2", "estimator.proposal=adaptive",
+                "estimator.adaptive_warmup=1", "estimator.adaptive_refresh_every=1",
+                "logging.proposal_plot_every_steps=4", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir
+
+
+def test_fit_logs_fid_variance_and_samples_to_csv_and_wandb(run_with_eval):
+    run_dir = run_with_eval
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [4, 8]
+    for r in rows:
+        for key in ("fid/ema", "fid/raw_generator", "variance/estimator", "variance/baseline_equal_compute",
+                    "variance/ratio", "carv/K", "carv/x_sigma_w2"):
+            assert r[key] not in ("", None), key
+        assert float(r["fid/ema"]) > 0 and float(r["fid/num_samples"]) == 40
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == ["proposal_step_0000004.png",
+                                                                          "proposal_step_0000008.png"]
+    # the offline W&B run holds the same scalars and the images
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
+    blob = b"".join(p.read_bytes() for p in wandb_run.glob("run-*.wandb"))
+    for key in (b"fid/ema", b"variance/ratio", b"loss/generator_dm", b"carv/K"):
+        assert key in blob, key
+    images = list(wandb_run.glob("files/media/images/**/*.png"))
+    assert any(p.parent.name == "samples" for p in images) and any("proposal" in p.name for p in images)
+
+
+def test_distill_fid_over_a_folder_writes_rows_and_skips_them_next_time(run_with_eval, ref_stats):
+    ckpt_dir = run_with_eval / "checkpoints"
+    r = run_cli("fid", str(ckpt_dir), "--ref", str(ref_stats), "--num-samples", "50", "--no-wandb", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(ckpt_dir / "fid_results.csv")))
+    assert [(r["step"], r["model"], r["samples"]) for r in rows] == [("4", "ema-1step", "50"), ("8", "ema-1step", "50")]
+    assert all(float(r["fid"]) > 0 and r["extractor"].startswith("digits-cnn:") for r in rows)
+    r = run_cli("fid", str(ckpt_dir), "--ref", str(ref_stats), "--num-samples", "50", "--no-wandb", timeout=300)
+    assert r.returncode == 0 and r.stdout.count("skipping") == 2
+    assert len(list(csv.DictReader(open(ckpt_dir / "fid_results.csv")))) == 2
+    # the teacher on the same protocol, as its own row
+    out = run_with_eval / "teacher.json"
+    r = run_cli("fid", str(ckpt_dir), "--ref", str(ref_stats), "--num-samples", "50", "--teacher-steps", "4",
+                "--json", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(out.read_text())[0]["model"] == "teacher-4step"
+
+
+def test_fid_refuses_statistics_of_another_extractor(run_with_eval, tmp_path):
+    bad = tmp_path / "raw.npz"
+    np.savez(bad, mu=np.zeros(64), sigma=np.eye(64), n=10, extractor_id="raw-64")
+    r = run_cli("fid", str(run_with_eval / "checkpoints" / "last.ckpt"), "--ref", str(bad), "--num-samples", "20",
+                "--no-wandb", timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "raw-64" in r.stderr and "digits-cnn:" in r.stderr
+
+
+def test_fid_with_missing_inception_weights_is_a_clear_error(run_with_eval, ref_stats, monkeypatch):
+    monkeypatch.delenv("DISTILL_INCEPTION_WEIGHTS", raising=False)
+    r = run_cli("fid", str(run_with_eval / "checkpoints" / "last.ckpt"), "--ref", str(ref_stats), "--features",
+                "inception", "--no-wandb", timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "inception" in r.stderr.lower()
