@@ -277,7 +277,7 @@ class FIDMonitor(L.Callback):
         else:
             from distill.data import iterate_split
 
-            ref = M.compute_stats(extractor, iterate_split(self.cfg.data.path, "train", batch_size=256))
+            ref = M.compute_stats(extractor, iterate_split(self.cfg.data.path, "train", batch_size=256, every_rank=True))
         self.ref_n = int(ref["n"])
         self.metrics = {name: self._metric(M.make_fid_metric(extractor), ref, trainer.global_rank, pl_module.device)
                         for name in ("ema", "raw_generator")}
@@ -363,11 +363,15 @@ class CSVLogger(Logger):
         super().__init__()
         self.path = Path(path)
         self._keys: list[str] = ["step"]
+        self._last_step: int | None = None  # the step of the file's last row, to merge a second call into it
         if self.path.is_file():
             with open(self.path, newline="") as fh:
                 header = next(csv.reader(fh), None)
             if header:
                 self._keys = header
+            rows = self._rows()
+            if rows and rows[-1].get("step") not in (None, ""):
+                self._last_step = int(rows[-1]["step"])
 
     @property
     def name(self) -> str:
@@ -402,11 +406,22 @@ class CSVLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Append a row; a second call for the same step as the last row merges into it (one row per step)."""
         row = {"step": step, **{k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}}
         new = [k for k in row if k not in self._keys]
+        rows = None
+        if step is not None and step == self._last_step and self.path.is_file():
+            rows = self._rows()
+            if rows and rows[-1].get("step") not in (None, "") and int(rows[-1]["step"]) == step:
+                merged = {k: v for k, v in rows[-1].items() if v not in (None, "")}
+                merged.update(row)
+                self._keys = ["step"] + sorted(set(self._keys[1:]) | set(new))
+                self._rewrite(rows[:-1] + [merged])
+                return
+        self._last_step = step
         if new or not self.path.is_file():
             self._keys = ["step"] + sorted(set(self._keys[1:]) | set(new))
-            self._rewrite(self._rows() + [row])
+            self._rewrite((rows if rows is not None else self._rows()) + [row])
             return
         with open(self.path, "a", newline="") as fh:
             csv.DictWriter(fh, fieldnames=self._keys).writerow(row)
@@ -418,3 +433,4 @@ class CSVLogger(Logger):
         kept = [r for r in rows if r.get("step") not in (None, "") and int(r["step"]) <= step]
         if len(kept) != len(rows):
             self._rewrite(kept)
+        self._last_step = int(kept[-1]["step"]) if kept else None

@@ -208,6 +208,15 @@ def _trainer(cfg, run_dir: Path, callbacks: list, progress_desc: str):
     )
 
 
+def _log_config(trainer, cfg) -> None:
+    """The resolved config as the W&B run's config (nested sections)."""
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.to_container(OmegaConf.structured(cfg))
+    for logger in trainer.loggers:
+        logger.log_hyperparams(params)
+
+
 def _resume(run_dir: Path) -> tuple[Path | None, int]:
     """The newest checkpoint of the run directory and its step (None, 0 for a new run)."""
     from distill.callbacks import find_resume_checkpoint
@@ -289,6 +298,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if cfg.eval.variance_every_steps:
         extra.append(GradientVariance(cfg.eval.variance_every_steps, cfg.estimator.diagnostic_K))
     trainer = _trainer(cfg, run_dir, extra, "distill fit")
+    _log_config(trainer, cfg)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.is_global_zero:
@@ -347,6 +357,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
                                  seed=_data_seed(cfg.trainer.seed, step), shuffle_buffer=cfg.data.shuffle_buffer)
     _start_run(cfg, run_dir, step)
     trainer = _trainer(cfg, run_dir, [], "distill teacher")
+    _log_config(trainer, cfg)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     seconds = time.perf_counter() - t0
@@ -426,51 +437,77 @@ def _device(name: str):
     return torch.device(name)
 
 
+def _fid_process_group():
+    """(rank, world, device): launched by torchrun with WORLD_SIZE > 1, every process takes its share of the
+    samples (one GPU each, or gloo on the CPU) and the feature statistics are all-reduced."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, None
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
 def cmd_fid(args: argparse.Namespace) -> int:
+    import math
+
     from distill import evaluate as ev
-    from distill.metrics import fid_against_stats, load_stats
+    from distill.metrics import compute_stats, frechet_distance, load_stats
 
     if args.num_samples < 2:
         raise DistillError(f"--num-samples {args.num_samples}: expected an integer >= 2")
     if not Path(args.ref).is_file():
         raise DistillError(f"--ref {args.ref!r} does not exist; expected reference statistics from `distill stats`")
-    device = _device(args.device)
+    rank, world, device = _fid_process_group()
+    device = device or _device(args.device)
     ckpts = ev.list_checkpoint_files(args.path)
     folder = ckpts[0].parent
     results_path = folder / ev.RESULTS_FILE
     done = {(r["path"], r["model"], r["samples"], r["extractor"]) for r in ev.read_results(results_path)}
+    start, count = ev.rank_share(args.num_samples, rank, world)
     rows = []
-    targets = ckpts if args.teacher_steps is None else ckpts[-1:]
-    for ckpt in targets:
+    for ckpt in (ckpts if args.teacher_steps is None else ckpts[-1:]):
         module, step = ev.load_checkpoint_module(ckpt, device)
         cfg = module.cfg
-        features = args.features or cfg.eval.features
         shape = module.sample_shape()
-        extractor = _extractor(features, args.features_path or cfg.eval.features_path,
+        extractor = _extractor(args.features or cfg.eval.features, args.features_path or cfg.eval.features_path,
                                args.inception_weights or cfg.eval.inception_weights,
-                               num_features=int(__import__("math").prod(shape))).to(device)
-        ref = load_stats(args.ref, expected_extractor_id=extractor.extractor_id)
+                               num_features=math.prod(shape)).to(device)
+        ref = load_stats(args.ref, expected_extractor_id=extractor.extractor_id, num_features=extractor.num_features)
         if args.teacher_steps is not None:
             model = f"teacher-{args.teacher_steps}step"
             path = str(cfg.teacher.path if cfg.teacher.kind == "diffusers" else "gmm")
-            batches = ev.teacher_batches(module.teacher, shape, args.num_samples, args.batch_size,
-                                         args.teacher_steps, cfg.teacher.guidance_scale, args.seed, device)
+            batches = ev.teacher_batches(module.teacher, shape, count, args.batch_size, args.teacher_steps,
+                                         cfg.teacher.guidance_scale, args.seed, device, start=start)
         else:
             model, path = "ema-1step", str(ckpt)
-            batches = ev.generator_batches(module.ema, shape, getattr(module.teacher, "num_classes", None),
-                                           args.num_samples, args.batch_size, args.seed, device)
-        key = (path, model, str(args.num_samples), extractor.extractor_id)
-        if key in done:
-            print(f"skipping {path} ({model}): already in {results_path}")
+            batches = ev.generator_batches(module.ema, shape, getattr(module.teacher, "num_classes", None), count,
+                                           args.batch_size, args.seed, device, start=start)
+        if (path, model, str(args.num_samples), extractor.extractor_id) in done:
+            if rank == 0:
+                print(f"skipping {path} ({model}): already in {results_path}")
             continue
-        result, seconds = ev.timed(fid_against_stats, extractor, batches, ref, progress=True)
-        row = {"path": path, "step": "" if args.teacher_steps is not None else step, "model": model, "fid": result["fid"], "samples": result["n"],
-               "extractor": result["extractor_id"], "seconds": round(seconds, 2)}
-        ev.append_result(results_path, row)
+        fake, seconds = ev.timed(compute_stats, extractor, batches, progress=rank == 0)
+        if world > 1:
+            fake = ev.merge_stats(fake)
+        fid = frechet_distance(fake["mu"], fake["sigma"], ref["mu"], ref["sigma"])
+        row = {"path": path, "step": "" if args.teacher_steps is not None else step, "model": model, "fid": fid,
+               "samples": fake["n"], "extractor": extractor.extractor_id, "seconds": round(seconds, 2)}
         rows.append(row)
-    all_rows = ev.read_results(results_path)
-    print(ev.format_results(all_rows))
-    print(f"results: {results_path}")
+        if rank == 0:
+            ev.append_result(results_path, row)
+    if rank != 0:
+        return 0
+    print(ev.format_results(ev.read_results(results_path)))
+    print(f"results: {results_path}" + (f" ({world} processes)" if world > 1 else ""))
     if args.json:
         import json
 

@@ -368,16 +368,17 @@ class _Decode:
                 warnings.warn(f"skipping {exn}")
 
 
-def iterate_split(path: str | Path, split: str = "val", batch_size: int = 256
+def iterate_split(path: str | Path, split: str = "val", batch_size: int = 256, every_rank: bool = False
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every sample of a split once, in shard order, as (images (B, C, H, W), labels (B,)); the last batch may be
-    smaller. Under DDP each rank reads its own shards (split_by_node), so a rank may get nothing."""
+    smaller. Under DDP each rank reads its own shards (split_by_node), so a rank may get nothing; with
+    `every_rank` each rank reads the whole split (reference statistics that every rank must hold)."""
     urls = list_shards(path, split)
     stats = _StreamStats()
+    split_stages = [] if every_rank else [wds.split_by_node, wds.split_by_worker]
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
-        wds.split_by_node,
-        wds.split_by_worker,
+        *split_stages,
         _ShardSamples(stats, max_bad_in_a_row=len(urls) + 1),  # finite: a bad shard is warned about, not fatal
         _Decode(stats),
         wds.batched(batch_size, collation_fn=_collate, partial=True),

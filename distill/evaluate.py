@@ -40,18 +40,43 @@ def generator_batches(generator: torch.nn.Module, shape: tuple[int, ...], num_cl
 
 @torch.no_grad()
 def teacher_batches(teacher: torch.nn.Module, shape: tuple[int, ...], n: int, batch_size: int, steps: int,
-                    guidance_scale: float, seed: int, device) -> Iterator[Tensor]:
+                    guidance_scale: float, seed: int, device, start: int = 0) -> Iterator[Tensor]:
     """n teacher samples by `steps` DDIM steps, same noise and labels protocol as `generator_batches`."""
     from distill.teachers import ddim_sample
 
     num_classes = getattr(teacher, "num_classes", None)
-    for s in range(0, n, batch_size):
-        b = min(batch_size, n - s)
+    for s in range(start, start + n, batch_size):
+        b = min(batch_size, start + n - s)
         z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
                          for i in range(s, s + b)]).to(device)
         labels = balanced_labels(s + b, num_classes, device)
         yield ddim_sample(teacher, z, labels[s:] if labels is not None else None, steps=steps,
                           guidance_scale=guidance_scale).float()
+
+
+def rank_share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """(start, count) of rank's contiguous share of n samples."""
+    counts = [n // world + (r < n % world) for r in range(world)]
+    return sum(counts[:rank]), counts[rank]
+
+
+def merge_stats(stats: dict) -> dict:
+    """All-reduce feature statistics across the ranks of a process group: sums of x and of x x^T are added."""
+    import numpy as np
+    import torch.distributed as dist
+
+    n = torch.tensor([float(stats["n"])], dtype=torch.float64)
+    mu = torch.as_tensor(stats["mu"], dtype=torch.float64)
+    sigma = torch.as_tensor(stats["sigma"], dtype=torch.float64)
+    s1 = mu * n
+    s2 = sigma * (n - 1) + n * torch.outer(mu, mu)
+    for tensor in (n, s1, s2):
+        dist.all_reduce(tensor)
+    total = float(n)
+    mean = s1 / total
+    cov = (s2 - total * torch.outer(mean, mean)) / (total - 1)
+    return {"mu": mean.numpy(), "sigma": np.asarray(0.5 * (cov + cov.T)), "n": int(total),
+            "extractor_id": stats["extractor_id"]}
 
 
 def list_checkpoint_files(path: str | Path) -> list[Path]:
@@ -60,7 +85,7 @@ def list_checkpoint_files(path: str | Path) -> list[Path]:
 
     path = Path(path)
     if path.is_file():
-        return [path]
+        return [path.resolve()]  # last.ckpt -> the step=*.ckpt it points at: one row per checkpoint
     if not path.is_dir():
         raise DistillError(f"{str(path)!r} does not exist; expected a checkpoint file or a folder of checkpoints "
                            f"(a run directory or its checkpoints/)")

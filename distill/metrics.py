@@ -26,7 +26,7 @@ What torchmetrics 1.9.0 does with a custom feature module (read from torchmetric
     tr sqrt uses eigvals of the non-symmetric S1 S2; `frechet_distance` below is the careful version;
   - all states reduce by sum across ranks; with reset_real_features=False the real statistics survive `reset()`.
 
-Only torch, numpy and scipy at import time; torchmetrics, torch-fidelity, tqdm and distill.data (which imports
+Only torch and numpy at import time; torchmetrics, torch-fidelity, tqdm and distill.data (which imports
 Lightning) are imported inside the functions that need them.
 """
 
@@ -68,9 +68,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """FD between N(mu1, sigma1) and N(mu2, sigma2) in float64; numpy arrays or tensors.
 
     tr((S1 S2)^{1/2}) = tr((S1^{1/2} S2 S1^{1/2})^{1/2}): the right side is the square root of a symmetric PSD
-    matrix, so it is the sum of sqrt of its eigenvalues (eigh, clamped at 0). This stays exact for singular and
-    near-singular covariances, where scipy.linalg.sqrtm of the non-symmetric S1 S2 (pytorch-fid, EDM) needs an
-    eps * I offset and torchmetrics' eigvals(S1 S2) can return complex pairs.
+    matrix, so it is the sum of sqrt of its eigenvalues (eigh; round-off ones set to 0). This stays exact for
+    singular and near-singular covariances, where scipy.linalg.sqrtm of the non-symmetric S1 S2 (pytorch-fid, EDM)
+    needs an eps * I offset and torchmetrics' eigvals(S1 S2) can return complex pairs.
     """
     mu1, sigma1 = _as_float64(mu1, "mu1"), _as_float64(sigma1, "sigma1")
     mu2, sigma2 = _as_float64(mu2, "mu2"), _as_float64(sigma2, "sigma2")
@@ -155,11 +155,11 @@ class RawFeatures(FeatureExtractor):
 
     def __init__(self, num_features: int):
         super().__init__()
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
+        if not isinstance(num_features, (int, np.integer)) or isinstance(num_features, bool) or num_features < 1:
             raise DistillError(f"the raw extractor needs num_features, the data dimension (a positive integer), "
                                f"got {num_features!r}")
-        self.num_features = num_features
-        self.extractor_id = f"raw-{num_features}"
+        self.num_features = int(num_features)
+        self.extractor_id = f"raw-{self.num_features}"
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         flat = images.reshape(images.shape[0], -1)  # (B, d)

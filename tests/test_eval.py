@@ -91,3 +91,55 @@ def test_fid_with_missing_inception_weights_is_a_clear_error(run_with_eval, ref_
                 "inception", "--no-wandb", timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "inception" in r.stderr.lower()
+
+
+def test_callbacks_observe_and_never_change_training(tmp_path):
+    """Same seed, same final weights with every callback on (FID, variance, samples, proposal plots) or off."""
+    import torch
+
+    common = ["fit", "--config", "configs/gmm.yaml", "trainer.max_steps=60", "trainer.checkpoint_every_steps=60",
+              "logging.progress_bar=false", "estimator.K=4", "estimator.proposal=adaptive",
+              "estimator.adaptive_warmup=2", "estimator.adaptive_refresh_every=2", "optim.ttur=2"]
+    on = run_cli(*common, f"run.dir={tmp_path / 'on'}", "eval.fid_every_steps=20", "eval.fid_num_samples=200",
+                 "eval.variance_every_steps=10", "logging.samples_every_steps=20",
+                 "logging.proposal_plot_every_steps=20", "logging.wandb=offline", timeout=300)
+    off = run_cli(*common, f"run.dir={tmp_path / 'off'}", "eval.fid_every_steps=0", "eval.variance_every_steps=0",
+                  "logging.samples_every_steps=0", "logging.proposal_plot_every_steps=0", "logging.wandb=disabled",
+                  timeout=300)
+    assert on.returncode == 0 and off.returncode == 0, (on.stderr[-2000:], off.stderr[-2000:])
+    a = torch.load(tmp_path / "on" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(tmp_path / "off" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert torch.equal(a["distill"]["sampler"]["q"], b["distill"]["sampler"]["q"])
+    rows = list(csv.DictReader(open(tmp_path / "on" / "metrics.csv")))
+    assert any(r.get("fid/ema") for r in rows) and any(r.get("variance/ratio") for r in rows)
+
+
+def test_fid_split_across_two_processes_equals_one_process(run_with_eval, ref_stats, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each generates its share, the statistics are all-reduced; the same
+    samples (noise seeded by sample index, labels by global index) give the same FID."""
+    import shutil
+    import sys
+
+    ckpt = run_with_eval / "checkpoints" / "step=0000008.ckpt"
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        d.mkdir()
+        shutil.copy(ckpt, d / ckpt.name)
+    r = run_cli("fid", str(one / ckpt.name), "--ref", str(ref_stats), "--num-samples", "61", "--json",
+                str(tmp_path / "one.json"), "--no-wandb", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import os
+    import subprocess
+
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "distill",
+                         "fid", str(two / ckpt.name), "--ref", str(ref_stats), "--num-samples", "61", "--json",
+                         str(tmp_path / "two.json"), "--no-wandb"], capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    (a,), (b,) = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    assert a["samples"] == b["samples"] == 61
+    assert b["fid"] == pytest.approx(a["fid"], rel=1e-6)
+    assert "(2 processes)" in r2.stdout
