@@ -73,7 +73,7 @@ class StepCheckpoint(L.Callback):
         if step == self._last_saved:
             return
         path = checkpoint_path(self.ckpt_dir, step)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         self._last_saved = step
         if trainer.is_global_zero:
             link = self.ckpt_dir / "last.ckpt"
@@ -322,7 +322,7 @@ class FIDMonitor(L.Callback):
         pl_module.accumulate(out)
         if out["fid/ema"] < self.best:
             self.best = out["fid/ema"]
-            trainer.save_checkpoint(self.ckpt_dir / "best.ckpt")
+            trainer.save_checkpoint(self.ckpt_dir / "best.ckpt", weights_only=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every and pl_module.step % self.every == 0:

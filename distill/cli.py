@@ -163,8 +163,11 @@ def _loggers(cfg, run_dir: Path):
     from distill.callbacks import CSVLogger
 
     loggers = [CSVLogger(run_dir / "metrics.csv")]
-    if cfg.logging.wandb != "disabled":
+    # W&B on the global rank 0 only (Lightning logs from there anyway): one run id, even when every rank of a SLURM
+    # job starts at once
+    if cfg.logging.wandb != "disabled" and _is_rank_zero():
         os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
         from lightning.pytorch.loggers import WandbLogger
 
         id_file = run_dir / "wandb_id.txt"
@@ -175,9 +178,9 @@ def _loggers(cfg, run_dir: Path):
 
             run_id = secrets.token_hex(4)  # W&B run ids: 8 lowercase alphanumerics
             id_file.write_text(run_id + "\n")
-        loggers.append(WandbLogger(project=cfg.logging.project, name=cfg.run.name or run_dir.name, id=run_id,
-                                   save_dir=str(run_dir), offline=cfg.logging.wandb == "offline", resume="allow",
-                                   log_model=False))
+        run = wandb.init(project=cfg.logging.project, name=cfg.run.name or run_dir.name, id=run_id, dir=str(run_dir),
+                         mode=cfg.logging.wandb, resume="allow")
+        loggers.append(WandbLogger(experiment=run, log_model=False))
     return loggers
 
 

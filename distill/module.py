@@ -39,6 +39,21 @@ from distill.teachers import (
 )
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_mean(values: list[float]) -> list[float]:
+    """The mean over ranks of each value (identity without a process group)."""
+    if not _distributed():
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return (t / torch.distributed.get_world_size()).cpu().tolist()
+
+
 def gmm_teacher(cfg: FitConfig) -> GaussianMixtureDenoiser:
     """The exact mixture teacher on a DDPM linear-beta VP schedule with T = teacher.num_timesteps."""
     from diffusers import DDPMScheduler
@@ -188,11 +203,13 @@ class DMDModule(L.LightningModule):
             metrics["carv/cost_upstream"], metrics["carv/cost_inner"] = self._cost_pair()
         sq_norm = g.pow(2).flatten(2).sum(-1)  # (N, K): ||g||^2 of the unweighted integrand
         self.sampler.record(t, sq_norm)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.sampler._pending:
+        if _distributed() and self.sampler._pending:
             for table in self.sampler._pending:  # every rank folds the same statistics: same q everywhere
                 torch.distributed.all_reduce(table)
         self.sampler.update()
         self.g_steps += 1
+        if self.g_steps % self.cfg.estimator.auto_every == 0 and _distributed():
+            metrics["carv/ranks_agree"] = self._check_ranks_agree()
         if t.shape[1] >= 2:  # one-way ANOVA over the K draws of each sample (x-space proxy, free)
             sb2, sw2 = anova(w.view(*w.shape, *([1] * (g.dim() - 2))) * g)
             metrics["carv/x_sigma_b2"], metrics["carv/x_sigma_w2"] = float(sb2), float(sw2)
@@ -201,6 +218,20 @@ class DMDModule(L.LightningModule):
             c_u, c_i = self._cost_pair()
             self.k_control.choose(N, c_u, c_i)
         return metrics
+
+    def _check_ranks_agree(self) -> float:
+        """1.0 when every rank holds the same proposal q and K (they must: the statistics are all-reduced);
+        a disagreement is a bug that would bias nothing but silently break the accounting, so it stops the run."""
+        q = self.sampler.q
+        mine = torch.tensor([float((q * torch.arange(q.numel(), dtype=q.dtype)).sum()), float(q.square().sum()),
+                             float(self.k_control.K)], dtype=torch.float64, device=self.device)
+        lo, hi = mine.clone(), mine.clone()
+        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+        if not torch.allclose(lo, hi, rtol=1e-12, atol=0):
+            raise RuntimeError(f"ranks disagree on the CARV proposal or K at step {self.step}: {lo.tolist()} vs "
+                               f"{hi.tolist()}")
+        return 1.0
 
     def _cost_pair(self) -> tuple[float, float]:
         key = "seconds" if self.cfg.estimator.cost == "time" else "flops"
@@ -235,6 +266,7 @@ class DMDModule(L.LightningModule):
         """The diagnostic step: split-half (σ_b², σ_w²) on its own noise, folded into the K controller."""
         rng = self._step_generator(salt=1)
         sigma_b2, sigma_w2 = self.split_half_estimate(x, labels, self.sampler, self.cfg.estimator.diagnostic_K, rng)
+        sigma_b2, sigma_w2 = _all_mean([sigma_b2, sigma_w2])  # every rank folds the same figures: the same K
         self.k_control.observe(sigma_b2, sigma_w2)
         out = {"carv/sigma_b2": sigma_b2, "carv/sigma_w2": sigma_w2}
         if self.costs and self.k_control.sigma_b2 is not None:
@@ -293,7 +325,8 @@ class DMDModule(L.LightningModule):
         if not self.costs:
             N = max(1, self.cfg.data.batch_size // max(1, self.trainer.world_size))
             labels = torch.zeros(N, dtype=torch.long, device=self.device) if self.conditional else None
-            self.costs = self.measure_costs(N, labels)
+            costs = self.measure_costs(N, labels)
+            self.costs = dict(zip(costs, _all_mean(list(costs.values()))))  # wall times differ across ranks
 
     def _step_generator(self, rank_specific: bool = True, salt: int = 0) -> torch.Generator:
         """The step's noise comes from (seed, rank, step) alone: ranks draw different noise, and a resumed run
