@@ -32,14 +32,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     checkpoint intact and never a partial file under a checkpoint's name."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        import errno
+
+        from distill.errors import DistillError
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            torch.save(checkpoint, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DistillError(f"disk full while writing checkpoint {str(path)!r}; the previous checkpoints are "
+                                   f"intact: free space (or set run.dir elsewhere) and run the same command to "
+                                   f"resume") from None
+            raise DistillError(f"cannot write checkpoint {str(path)!r} ({e.strerror}); expected a writable run "
+                               f"directory") from None
 
 
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
@@ -213,12 +226,13 @@ class GradientVariance(L.Callback):
         from distill.carv import TimestepSampler
 
         m = pl_module
-        x_real, labels = batch
+        x_real, _ = batch
         N = x_real.shape[0] - x_real.shape[0] % 2
         seed = np.random.SeedSequence([m.cfg.trainer.seed, m.global_rank, m.step, 2]).generate_state(1)[0]
         rng = torch.Generator(device=m.device).manual_seed(int(seed))
         z = torch.randn((N, *x_real.shape[1:]), generator=rng, device=m.device)
-        labels = labels[:N] if (labels is not None and m.conditional) else None
+        labels = (torch.randint(0, m.teacher.num_classes, (N,), generator=rng, device=m.device)
+                  if m.conditional else None)
         with torch.enable_grad():
             x = m.generator(z, labels)
             sb, sw_q = m.split_half_estimate(x, labels, m.sampler, self.draws, rng)

@@ -220,22 +220,41 @@ def _log_config(trainer, cfg) -> None:
         logger.log_hyperparams(params)
 
 
-def _resume(run_dir: Path) -> tuple[Path | None, int]:
-    """The newest checkpoint of the run directory and its step (None, 0 for a new run)."""
-    from distill.callbacks import find_resume_checkpoint
+def _resume(run_dir: Path, module=None) -> tuple[Path | None, int]:
+    """The newest checkpoint of the run directory and its step (None, 0 for a new run). One that cannot be loaded
+    stops the command, naming it and the next newest to fall back on."""
+    from distill.callbacks import list_checkpoints
 
-    ckpt = find_resume_checkpoint(run_dir)
-    step = 0
-    if ckpt is not None:
-        import torch
+    found = list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        return None, 0
+    ckpt = found[-1]
+    import torch
 
-        try:
-            step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["distill"]["step"])
-        except Exception as e:  # noqa: BLE001 - any failure to read it is reported the same way
-            raise DistillError(f"checkpoint {str(ckpt)!r} cannot be loaded ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}); move it away to resume from an older one")
-        print(f"resuming from {ckpt} (step {step})", flush=True)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        step = int(state["distill"]["step"])
+        cfg_text = state["distill"].get("config")
+    except Exception as e:  # noqa: BLE001 - any failure to read it is reported the same way
+        older = f"the next newest is {str(found[-2])!r}" if len(found) > 1 else "there is no older checkpoint"
+        raise DistillError(f"checkpoint {str(ckpt)!r} cannot be loaded ({type(e).__name__}); {older}: move the "
+                           f"broken file away and run the same command again to resume from it") from None
+    if module is not None:
+        _check_fits(ckpt, state["state_dict"], module)
+    del state, cfg_text
+    print(f"resuming from {ckpt} (step {step})", flush=True)
     return ckpt, step
+
+
+def _check_fits(ckpt: Path, saved: dict, module) -> None:
+    """A checkpoint written by another configuration (other networks) is named as such, before Lightning fails."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.startswith("teacher.")}
+    got = {k: tuple(v.shape) for k, v in saved.items() if not k.startswith("teacher.")}
+    for key in sorted(set(expected) | set(got)):
+        if expected.get(key) != got.get(key):
+            raise DistillError(f"checkpoint {str(ckpt)!r} was written for other networks ({key}: "
+                               f"{got.get(key, 'missing')} in the file, {expected.get(key, 'absent')} here); "
+                               f"expected a checkpoint of this configuration: use another run.dir")
 
 
 def _data_seed(seed: int, step: int) -> int:
@@ -288,7 +307,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = DMDModule(cfg)  # loads the teacher: a bad folder fails here, before anything is written
-    ckpt, step = _resume(run_dir)
+    ckpt, step = _resume(run_dir, module)
     datamodule = _fit_data(cfg, module, _data_seed(cfg.trainer.seed, step))
     _start_run(cfg, run_dir, step)
     from distill.callbacks import FIDMonitor, GradientVariance, ProposalPlot
@@ -555,7 +574,8 @@ def _quiet_known_noise() -> None:
     import warnings
 
     for message in (r"Found \d+ module\(s\) in eval mode",  # the frozen teacher and the EMA copy, on purpose
-                    r".*weights_only.*", r".*LeafSpec.*", r".*anonymous setting.*"):
+                    r".*weights_only.*", r".*LeafSpec.*", r".*anonymous setting.*",
+                    r"The `srun` command is available"):  # Lightning, on a node with SLURM installed
         warnings.filterwarnings("ignore", message=message)
     logging.getLogger("diffusers").setLevel(logging.ERROR)  # "accelerate not found": harmless here
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(

@@ -75,6 +75,8 @@ class TrainerConfig:
     keep_checkpoints: int = _f(3, "newest checkpoints kept in checkpoints/ (older ones are deleted)")
     log_every_steps: int = _f(10, "log scalars every this many steps")
     deterministic: bool = _f(False, "use deterministic torch algorithms (slower; for exact reproduction)")
+    max_nonfinite: int = _f(10, "stop after this many updates in a row with a non-finite loss or gradient (each "
+                                "is skipped: no optimiser step, no EMA update)")
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "trainer.max_steps", "an integer >= 1", self.max_steps)
@@ -88,6 +90,7 @@ class TrainerConfig:
                self.checkpoint_every_steps)
         _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
         _check(self.log_every_steps >= 1, "trainer.log_every_steps", "an integer >= 1", self.log_every_steps)
+        _check(self.max_nonfinite >= 1, "trainer.max_nonfinite", "an integer >= 1", self.max_nonfinite)
 
 
 @dataclass

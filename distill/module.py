@@ -98,6 +98,8 @@ class DMDModule(L.LightningModule):
         self.k_control = KController(1 if e.K == "auto" else e.K, e.K == "auto", e.k_max, e.max_draws, e.auto_ema)
         self.costs: dict[str, float] = {}  # c_u, c_i in FLOPs and seconds per sample / per draw
         self.g_steps = 0  # generator updates so far
+        self.nonfinite_total = 0  # updates skipped for a non-finite loss or gradient
+        self.nonfinite_in_a_row = 0
         self.step = 0  # completed training steps (not optimiser calls)
         self.max_steps = cfg.trainer.max_steps
         self.progress_postfix: dict[str, float] = {}
@@ -115,26 +117,50 @@ class DMDModule(L.LightningModule):
     def conditional(self) -> bool:
         return getattr(self.teacher, "num_classes", None) is not None
 
-    def _update(self, opt, loss: Tensor, params) -> Tensor:
+    def _update(self, opt, loss: Tensor, params, name: str) -> tuple[float, bool]:
+        """Backward, clip, step: (gradient norm, whether the step was taken). A non-finite loss or gradient on any
+        rank skips the step on every rank (no optimiser step; the caller skips the EMA) and is counted."""
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         params = [p for p in params if p.grad is not None]
         clip = self.cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        finite = torch.stack([loss.detach().float(), norm.detach().float()]).isfinite().all().float()
+        if _distributed():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1:
+            opt.zero_grad(set_to_none=True)
+            self._nonfinite(name)
+            return float("nan"), False
         opt.step()
-        return norm
+        return float(norm), True
+
+    def _nonfinite(self, name: str) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_in_a_row += 1
+        self.accumulate({"health/nonfinite_steps": float(self.nonfinite_total),
+                         "health/last_nonfinite_step": float(self.step)})
+        limit = self.cfg.trainer.max_nonfinite
+        if self.nonfinite_in_a_row >= limit:
+            from distill.errors import DistillError
+
+            raise DistillError(f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient (the "
+                               f"last at step {self.step}, in the {name} update; trainer.max_nonfinite = {limit}); "
+                               f"stopped with the last good checkpoint intact in {self.cfg.run.dir}/checkpoints")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x_real, labels = batch
-        labels = labels if self.conditional else None
+        x_real, _ = batch  # DMD needs no real images: the batch gives the shape (and, later, GAN / regression data)
         opt_g, opt_f = self.optimizers()
         N = x_real.shape[0]
         update_generator = self.step % self.cfg.optim.ttur == 0
         metrics: dict[str, float] = {}
 
-        # 1. sample z and generate x = G(z) (with grad only when the generator is updated this step)
+        # 1. sample z (and class labels, uniform as in DMD2) and generate x = G(z) (with grad only when the
+        #    generator is updated this step). Every random number is a function of (seed, rank, step).
         rng = self._step_generator()
         z = torch.randn(x_real.shape, generator=rng, device=self.device)
+        labels = (torch.randint(0, self.teacher.num_classes, (N,), generator=rng, device=self.device)
+                  if self.conditional else None)
         with torch.set_grad_enabled(update_generator):
             x = self.generator(z, labels)  # (N, C, H, W) or (N, d)
 
@@ -151,8 +177,10 @@ class DMDModule(L.LightningModule):
             loss_g = dmd_loss(x, g_bar).mean()
             if self._diagnostic_due():
                 metrics.update(self._split_half_diagnostic(x, labels))  # exact parameter-space (σ_b², σ_w²)
-            metrics["grad_norm/generator"] = float(self._update(opt_g, loss_g, self.generator.parameters()))
-            self._ema_update()
+            metrics["grad_norm/generator"], stepped = self._update(opt_g, loss_g, self.generator.parameters(),
+                                                                  "generator")
+            if stepped:
+                self._ema_update()
             metrics["loss/generator_dm"] = loss_g.item()
             metrics.update(self._bookkeeping(t, w, g, N))
 
@@ -162,8 +190,11 @@ class DMDModule(L.LightningModule):
         x_t = self.teacher.schedule.add_noise(x0, torch.randn(x0.shape, generator=rng, device=self.device), t_f)
         x0_hat = self.fake_score(x_t, t_f, labels)
         loss_f = denoising_loss(x0_hat, x0, self.fake_score.loss_weight(t_f, x0)).mean()
-        metrics["grad_norm/fake_score"] = float(self._update(opt_f, loss_f, self.fake_score.parameters()))
+        metrics["grad_norm/fake_score"], stepped_f = self._update(opt_f, loss_f, self.fake_score.parameters(),
+                                                                  "fake-score")
         metrics["loss/fake_score"] = loss_f.item()
+        if stepped_f and (not update_generator or stepped):
+            self.nonfinite_in_a_row = 0
 
         self.step += 1
         self.accumulate(metrics)
@@ -351,7 +382,9 @@ class DMDModule(L.LightningModule):
 
     def flush_metrics(self) -> None:
         """Write the running means of the window to every logger at the current step."""
-        means = {k: sum(v) / len(v) for k, v in self._acc.items() if v}
+        # running means over the window; counters and evaluations report their latest value
+        means = {k: (v[-1] if k.startswith(("health/", "fid/")) else sum(v) / len(v)) for k, v in self._acc.items()
+                 if v}
         self._acc.clear()
         if not means:
             return
@@ -404,7 +437,8 @@ class DMDModule(L.LightningModule):
         from distill.config import to_yaml
 
         checkpoint["distill"] = {"step": self.step, "config": to_yaml(self.cfg), "g_steps": self.g_steps, "sampler": self.sampler.state_dict(),
-                                 "k_control": self.k_control.state_dict(), "costs": dict(self.costs)}
+                                 "k_control": self.k_control.state_dict(), "costs": dict(self.costs),
+                                 "nonfinite": [self.nonfinite_total, self.nonfinite_in_a_row]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher is frozen and reloaded from its folder; put it back so strict loading sees every key.
@@ -417,5 +451,6 @@ class DMDModule(L.LightningModule):
             self.sampler.load_state_dict(state["sampler"])
             self.k_control.load_state_dict(state["k_control"])
             self.costs = dict(state["costs"])
+            self.nonfinite_total, self.nonfinite_in_a_row = state.get("nonfinite", [0, 0])
         if self.step >= self.max_steps:
             self.max_steps = self.step  # nothing left to do; the fit loop stops after setup
