@@ -354,6 +354,15 @@ def _fit_data(cfg, module, seed: int):
     if n_cls is not None and int(meta["num_classes"]) > n_cls:
         raise DistillError(f"data.path {cfg.data.path!r} has {meta['num_classes']} classes; the teacher "
                            f"{cfg.teacher.path!r} knows {n_cls} (labels 0..{n_cls - 1})")
+    from distill.data import first_sample
+
+    image, label = first_sample(cfg.data.path)  # meta.json could lie: check what the shards really hold
+    if tuple(image.shape) != shape:
+        raise DistillError(f"data.path {cfg.data.path!r}: its samples are {tuple(image.shape)}, meta.json says "
+                           f"{data_shape} and the teacher expects {shape}; expected shards written for this teacher")
+    if n_cls is not None and not 0 <= label < n_cls:
+        raise DistillError(f"data.path {cfg.data.path!r}: a sample has label {label}; the teacher "
+                           f"{cfg.teacher.path!r} knows labels 0..{n_cls - 1}")
     return ShardDataModule(cfg.data.path, per_device, num_workers=cfg.data.num_workers, seed=seed,
                            shuffle_buffer=cfg.data.shuffle_buffer)
 

@@ -223,6 +223,12 @@ def check_shards(urls: list[str]) -> list[str]:
     return good
 
 
+def first_sample(path: str | Path, split: str = "train") -> tuple[torch.Tensor, int]:
+    """The first readable sample of a split (image (C, H, W) in [-1, 1], label): what a run checks before it starts."""
+    urls = check_shards(list_shards(path, split))
+    return _read_first_sample(urls[0])
+
+
 def _read_first_sample(url: str) -> tuple[torch.Tensor, int]:
     """Decode the first sample of a shard: its members up to the first key that has both png and cls."""
     sample = {}

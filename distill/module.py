@@ -388,6 +388,9 @@ class DMDModule(L.LightningModule):
         self._acc.clear()
         if not means:
             return
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "skipped_samples"):
+            means["health/skipped_samples"] = float(dm.skipped_samples)
         if "time/step_seconds" in means:
             means["time/samples_per_second"] = self.cfg.data.batch_size / means["time/step_seconds"]
         means["train/step"] = self.step

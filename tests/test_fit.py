@@ -95,3 +95,32 @@ def test_fit_data_that_does_not_fit_the_teacher(tmp_path, tiny_teacher):
                 f"teacher.path={tiny_teacher}", f"data.path={tmp_path / 'shards'}")
     assert r.returncode == 2
     assert "(1, 16, 16)" in r.stderr and "(1, 8, 8)" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_data_that_lies_about_itself_or_has_foreign_labels(tmp_path, tiny_teacher):
+    import json
+
+    from PIL import Image
+
+    from distill.data import write_folder_shards
+
+    src = tmp_path / "imgs"
+    for c in range(12):  # more classes than the teacher knows
+        (src / f"c{c:02d}").mkdir(parents=True)
+        Image.new("L", (8, 8), color=c * 20).save(src / f"c{c:02d}" / "0.png")
+    write_folder_shards(src, tmp_path / "many", channels=1)
+    r = run_cli("fit", "--config", "configs/digits.yaml", f"run.dir={tmp_path / 'run'}",
+                f"teacher.path={tiny_teacher}", f"data.path={tmp_path / 'many'}")
+    assert r.returncode == 2 and "12 classes" in r.stderr and "Traceback" not in r.stderr
+
+    src2 = tmp_path / "big"
+    (src2 / "a").mkdir(parents=True)
+    Image.new("L", (16, 16)).save(src2 / "a" / "0.png")
+    write_folder_shards(src2, tmp_path / "lying", channels=1)
+    meta = json.loads((tmp_path / "lying" / "meta.json").read_text())
+    meta["resolution"] = [8, 8]  # meta.json says 8x8, the shards hold 16x16
+    (tmp_path / "lying" / "meta.json").write_text(json.dumps(meta))
+    r = run_cli("fit", "--config", "configs/digits.yaml", f"run.dir={tmp_path / 'run'}",
+                f"teacher.path={tiny_teacher}", f"data.path={tmp_path / 'lying'}")
+    assert r.returncode == 2 and "(1, 16, 16)" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
