@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,51 @@ class StepCheckpoint(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module.step)
+
+
+class RequeueOnSignal(L.Callback):
+    """SLURM preemption: on SIGUSR1 (`#SBATCH --signal=SIGUSR1@90`, or `scancel --signal=USR1 JOB`) every rank
+    finishes its current step, that step's checkpoint is written to checkpoints/ (where `distill fit` resumes from),
+    training stops, and global rank 0 requeues the job; the requeued job resumes with the same step count.
+
+    It replaces Lightning's auto-requeue (the Trainer gets SLURMEnvironment(auto_requeue=False)), whose handler
+    saves hpc_ckpt_N.ckpt from inside the signal handler, in the middle of a step, to a file our resume does not
+    read, and calls a barrier there that deadlocks DDP when the ranks sit in different collectives."""
+
+    def __init__(self, checkpoint: StepCheckpoint, signum: int = signal.SIGUSR1):
+        self.checkpoint = checkpoint
+        self.signum = signum
+        self.received = False  # this rank got the signal
+        self.requested = False  # all ranks stopped for a requeue
+        # installed now rather than in setup: during the DDP start-up SIGUSR1's default action would kill us
+        self._previous = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True  # only a flag: a collective or a save inside a handler can deadlock
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # the ranks get the signal at different moments: agree on the step to stop at (one all-reduce per step)
+        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            return
+        if pl_module.step >= pl_module.max_steps:
+            return  # finished anyway: nothing to requeue for
+        self.checkpoint._save(trainer, pl_module.step)
+        self.requested = True
+        trainer.should_stop = True
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        signal.signal(self.signum, self._previous)
+        if not (self.requested and trainer.is_global_zero):
+            return
+        from lightning.pytorch.loggers import WandbLogger
+
+        from distill.slurm import requeue_job
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish()  # before SLURM ends this process; the requeued job resumes the run
+        print(f"\nSIGUSR1: stopped at step {pl_module.step}, checkpoint written; requeueing the job", flush=True)
+        requeue_job()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -343,7 +389,7 @@ class FIDMonitor(L.Callback):
             self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.every:
+        if self.every and pl_module.step >= pl_module.max_steps:  # not when stopping early for a requeue
             self._evaluate(trainer, pl_module)
             if self._last == pl_module.step:  # logged after the last regular log: write it now
                 pl_module.flush_metrics()

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
               distill fit --config configs/digits.yaml trainer.max_steps=2000 run.dir=runs/my-run
               distill fit --config configs/gmm.yaml
               distill bench variance --config configs/gmm.yaml --json bench.json
+              distill submit --config configs/digits.yaml --ntasks-per-node 4 --gpus-per-node 4 --time 04:00:00
             Run `distill COMMAND --help` for every option of a command."""))
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--device", default="auto", help="cpu, cuda or auto [auto]")
     fd.add_argument("--json", metavar="OUT", help="also write this call's rows as JSON")
     fd.add_argument("--no-wandb", action="store_true", help="do not log the results to W&B")
+
+    from distill.slurm import add_submit_parser
+
+    add_submit_parser(sub, _Formatter)
 
     cl = sub.add_parser("classifier", help="train the small digits classifier used as the digits FID feature",
                         formatter_class=_Formatter)
@@ -188,24 +193,27 @@ def _trainer(cfg, run_dir: Path, callbacks: list, progress_desc: str):
     """The Lightning Trainer with distill's callbacks; `callbacks` adds command-specific ones."""
     import lightning as L
 
-    from distill.callbacks import AtomicCheckpointIO, SampleGrid, StepCheckpoint, StepProgressBar, StepTimer
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from distill.callbacks import (AtomicCheckpointIO, RequeueOnSignal, SampleGrid, StepCheckpoint, StepProgressBar,
+                                   StepTimer)
 
     t = cfg.trainer
     strategy = t.strategy
     if strategy == "auto" and t.devices * t.num_nodes > 1:
         strategy = "ddp_find_unused_parameters_true"  # the fake-score update leaves G's parameters unused
-    callbacks = [
-        StepCheckpoint(run_dir / "checkpoints", t.checkpoint_every_steps, t.keep_checkpoints),
-        SampleGrid(run_dir / "samples", cfg.logging.samples_every_steps),
-        StepTimer(),
-        *callbacks,
-    ]
+    checkpoint = StepCheckpoint(run_dir / "checkpoints", t.checkpoint_every_steps, t.keep_checkpoints)
+    callbacks = [checkpoint, SampleGrid(run_dir / "samples", cfg.logging.samples_every_steps), StepTimer(), *callbacks]
     if cfg.logging.progress_bar:
         callbacks.append(StepProgressBar(progress_desc))
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # preemption: checkpoint at a step boundary and requeue (see RequeueOnSignal)
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(RequeueOnSignal(checkpoint))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=t.precision, max_epochs=1, max_steps=-1, logger=_loggers(cfg, run_dir), callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_progress_bar=False,
+        plugins=plugins, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=t.deterministic,
         default_root_dir=str(run_dir), use_distributed_sampler=False,
     )
@@ -323,7 +331,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     _log_config(trainer, cfg)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and module.step >= module.max_steps:  # (fewer: stopped by SIGUSR1 to be requeued)
         print(f"\ndone: {module.step} steps in {time.perf_counter() - t0:.1f} s", flush=True)
         print(f"  samples:     {run_dir / 'samples'}  (newest: step_{module.step:07d}.png)")
         print(f"  checkpoints: {run_dir / 'checkpoints'}  (last.ckpt)")
@@ -392,7 +400,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     seconds = time.perf_counter() - t0
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and module.step >= module.max_steps:  # (fewer: stopped by SIGUSR1 to be requeued)
         out = module.save_teacher(cfg.out, extra={"train_seconds_this_invocation": round(seconds, 1),
                                                   "command": " ".join(["distill", *sys.argv[1:]])})
         save_atomic(module.sample_image(), out / "samples.png")
@@ -573,8 +581,14 @@ def cmd_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from distill.slurm import cmd_submit as submit
+
+    return submit(args)
+
+
 COMMANDS = {"fit": cmd_fit, "teacher": cmd_teacher, "data": cmd_data, "bench": cmd_bench, "stats": cmd_stats,
-            "fid": cmd_fid, "classifier": cmd_classifier}
+            "fid": cmd_fid, "classifier": cmd_classifier, "submit": cmd_submit}
 
 
 def _quiet_known_noise() -> None:

@@ -59,15 +59,15 @@ def render(template_path: str | Path, **values) -> str:
     return "".join(lines)
 
 
-def _sbatch_value(option: str, value) -> str | None:
+def _sbatch_value(option: str, value, expected: str = "a plain name") -> str | None:
     """A value for an `#SBATCH` line: sbatch splits those lines itself, so no whitespace or quotes; `%` would be
     read as a filename pattern (%j)."""
     if value in (None, ""):
         return None
     value = str(value)
     if re.search(r"[\s\"'\\%]", value):
-        raise DistillError(f"{option} {value!r}: SLURM cannot take whitespace, quotes, backslashes or '%' here; "
-                           f"expected a plain name or path (move the run directory to a path without them)")
+        raise DistillError(f"{option} {value!r}: an #SBATCH line cannot hold whitespace, quotes, backslashes or '%'; "
+                           f"expected {expected}")
     return value
 
 
@@ -93,8 +93,8 @@ def _common_values(*, job_name: str, nodes: int, ntasks_per_node: int, gpus_per_
         "partition": _sbatch_value("--partition", partition),
         "account": _sbatch_value("--account", account),
         "dependency": _sbatch_value("--after", dependency and f"afterok:{dependency}"),
-        "log": _sbatch_value("the run directory", log.parent) and str(log),  # the name holds SLURM's %j
-        "workdir": _sbatch_value("the working directory", workdir),
+        # the log's name holds SLURM's %j: check the folder
+        "log": _sbatch_value("run directory", log.parent, "a run directory path without them") and str(log),
         "workdir_q": shlex.quote(str(workdir)),
         "python_q": shlex.quote(python),
     }
