@@ -600,7 +600,7 @@ def _quiet_known_noise() -> None:
                     r".*weights_only.*", r".*LeafSpec.*", r".*anonymous setting.*",
                     r"The `srun` command is available"):  # Lightning, on a node with SLURM installed
         warnings.filterwarnings("ignore", message=message)
-    logging.getLogger("diffusers").setLevel(logging.ERROR)  # "accelerate not found": harmless here
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # "accelerate not found": harmless here
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not str(record.getMessage()).startswith("💡"))  # advertisements for other products
 
