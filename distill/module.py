@@ -179,10 +179,10 @@ class DMDModule(L.LightningModule):
                 metrics.update(self._split_half_diagnostic(x, labels))  # exact parameter-space (σ_b², σ_w²)
             metrics["grad_norm/generator"], stepped = self._update(opt_g, loss_g, self.generator.parameters(),
                                                                   "generator")
-            if stepped:
-                self._ema_update()
             metrics["loss/generator_dm"] = loss_g.item()
-            metrics.update(self._bookkeeping(t, w, g, N))
+            if stepped:  # a skipped (non-finite) update feeds neither the EMA nor the proposal statistics
+                self._ema_update()
+                metrics.update(self._bookkeeping(t, w, g, N))
 
         # 5. fake-score update: the teacher's denoising loss on G's (detached) samples, t over the full range
         x0 = x.detach()

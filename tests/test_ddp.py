@@ -1,8 +1,6 @@
 """DDP that is provably the same computation: two CPU processes (gloo)."""
 
 import csv
-import os
-import socket
 
 import pytest
 import torch
@@ -15,12 +13,6 @@ from distill.carv.controller import weighted_mean
 from distill.losses import dmd_loss
 
 GMM = str(REPO / "configs" / "gmm.yaml")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _draws(m, N: int, K: int):
@@ -52,10 +44,10 @@ def _module():
     return m
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port to race for with other tests
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     m = _module()
     z, t, w, eps = _draws(m, 64, 4)
     half = slice(rank * 32, (rank + 1) * 32)
@@ -68,7 +60,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_all_reduced_gradient_equals_the_single_process_gradient_on_the_whole_batch(tmp_path):
     out = str(tmp_path / "ddp_grad.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     ddp_grad = torch.load(out)
     m = _module()
     z, t, w, eps = _draws(m, 64, 4)
