@@ -445,22 +445,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _extractor(name: str, features_path: str | None, inception_weights: str | None, num_features: int | None = None):
-    from distill import metrics
-
-    path = inception_weights if name == "inception" else features_path
-    if name == "raw":
-        return metrics.build_extractor("raw", num_features=num_features)
-    return metrics.build_extractor(name, path)
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
     from distill.data import iterate_split, read_meta
-    from distill.metrics import compute_stats, save_stats
+    from distill.metrics import compute_stats, extractor_for, save_stats
 
     meta = read_meta(args.data)
     dim = int(meta["channels"]) * int(meta["resolution"][0]) * int(meta["resolution"][1])
-    extractor = _extractor(args.features, args.features_path, args.inception_weights, num_features=dim)
+    extractor = extractor_for(args.features, args.features_path, args.inception_weights, num_features=dim)
     stats = compute_stats(extractor, iterate_split(args.data, args.split, batch_size=256),
                           max_samples=args.max_samples, progress=True)
     save_stats(args.out, stats)
@@ -499,7 +490,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
     import math
 
     from distill import evaluate as ev
-    from distill.metrics import compute_stats, frechet_distance, load_stats
+    from distill.metrics import compute_stats, extractor_for, frechet_distance, load_stats
 
     if args.num_samples < 2:
         raise DistillError(f"--num-samples {args.num_samples}: expected an integer >= 2")
@@ -517,7 +508,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
         module, step = ev.load_checkpoint_module(ckpt, device)
         cfg = module.cfg
         shape = module.sample_shape()
-        extractor = _extractor(args.features or cfg.eval.features, args.features_path or cfg.eval.features_path,
+        extractor = extractor_for(args.features or cfg.eval.features, args.features_path or cfg.eval.features_path,
                                args.inception_weights or cfg.eval.inception_weights,
                                num_features=math.prod(shape)).to(device)
         ref = load_stats(args.ref, expected_extractor_id=extractor.extractor_id, num_features=extractor.num_features)

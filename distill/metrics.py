@@ -253,6 +253,13 @@ def build_extractor(name: str, path: str | Path | None = None, num_features: int
     raise DistillError(f"unknown feature extractor {name!r}; expected one of {', '.join(EXTRACTORS)}")
 
 
+def extractor_for(name: str, features_path: str | Path | None = None, inception_weights: str | Path | None = None,
+                  num_features: int | None = None) -> FeatureExtractor:
+    """`build_extractor` from the user's options (`eval.features`, `eval.features_path`, `eval.inception_weights`):
+    the weights file that belongs to the chosen extractor."""
+    return build_extractor(name, inception_weights if name == "inception" else features_path, num_features)
+
+
 def _build_inception(path: str | Path | None) -> InceptionFeatures:
     try:
         import importlib

@@ -39,6 +39,14 @@ class StepProgressBar(L.Callback):
             self.bar = None
 
 
+def _publish(trainer, image, path: Path, key: str, step: int) -> None:
+    """An image to the run directory (atomically) and to every logger that takes images (W&B)."""
+    save_atomic(image, path)
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=key, images=[image], step=step)
+
+
 class SampleGrid(L.Callback):
     """Write `pl_module.sample_image()` to samples/step_XXXXXXX.png (and W&B) at the start, every `every` steps
     and at the end."""
@@ -57,10 +65,7 @@ class SampleGrid(L.Callback):
         self._last = step
         if not trainer.is_global_zero:
             return
-        save_atomic(image, self.samples_dir / f"step_{step:07d}.png")
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key=self.key, images=[image], step=step)
+        _publish(trainer, image, self.samples_dir / f"step_{step:07d}.png", self.key, step)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module)
@@ -92,10 +97,7 @@ class ProposalPlot(L.Callback):
         image = proposal_image(s.p, s.q, s.m2, s.seen, s.lo, s.hi,
                                title=f"timestep proposal ({s.kind}, {s.stratify}), step {step}")
         self._last = step
-        save_atomic(image, self.plots_dir / f"proposal_step_{step:07d}.png")
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="carv/proposal", images=[image], step=step)
+        _publish(trainer, image, self.plots_dir / f"proposal_step_{step:07d}.png", "carv/proposal", step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every and pl_module.step % self.every == 0:
@@ -179,11 +181,7 @@ class FIDMonitor(L.Callback):
 
         e = self.cfg.eval
         shape = pl_module.sample_shape()
-        if e.features == "raw":
-            extractor = M.build_extractor("raw", num_features=int(math.prod(shape)))
-        else:
-            extractor = M.build_extractor(e.features, e.inception_weights if e.features == "inception"
-                                          else e.features_path)
+        extractor = M.extractor_for(e.features, e.features_path, e.inception_weights, num_features=math.prod(shape))
         extractor = extractor.to(pl_module.device).eval()
         if e.fid_ref is not None:
             ref = M.load_stats(e.fid_ref, expected_extractor_id=extractor.extractor_id)
