@@ -40,7 +40,7 @@ demo: $(STAMP) data/digits/meta.json data/digits/ref-digits.npz
 	$(VENV)/bin/distill fid runs/demo/checkpoints/last.ckpt --ref data/digits/ref-digits.npz
 
 teacher: $(STAMP) data/digits/meta.json
-	$(VENV)/bin/distill teacher --config configs/teacher-digits.yaml
+	$(VENV)/bin/distill teacher --config configs/teacher-digits.yaml out=data/teachers/digits --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

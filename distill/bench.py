@@ -23,6 +23,7 @@ import torch
 from distill.carv import TimestepSampler, dmd_timestep_p, ecm, ecm_oracle, optimal_k
 from distill.carv.controller import weighted_mean
 from distill.config import FitConfig
+from distill.errors import DistillError
 from distill.losses import dmd_loss
 
 ESTIMATORS = (
@@ -56,21 +57,39 @@ class _Moments:
         return (self.sq - self.sum * self.sum / self.n) / (self.n - 1)
 
 
+def check_bench_options(replicates: int, warmup_steps: int, device: str, ckpt: str | None) -> torch.device:
+    """The options of `distill bench variance`, checked before anything runs (a warm-up run included, whose
+    own errors would name trainer.max_steps, a key the user never set); returns the device."""
+    from distill.evaluate import resolve_device
+
+    if replicates < 2:
+        raise DistillError(f"--replicates {replicates}: expected an integer >= 2 (a variance needs two)")
+    if warmup_steps < 1:
+        raise DistillError(f"--warmup-steps {warmup_steps}: expected an integer >= 1 (at step 0 the DMD gradient "
+                           f"is exactly zero: nothing to measure)")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise DistillError(f"--ckpt {ckpt!r} does not exist; expected a checkpoint file (runs/.../last.ckpt)")
+    return resolve_device(device)
+
+
 def _frozen_module(cfg: FitConfig, ckpt: str | None, warmup_steps: int, config_path: str | None,
                    overrides: list[str]):
     """The state to measure at: a checkpoint, or the end of a short warm-up run of the config (at initialisation
     the fake score equals the teacher and the DMD gradient is exactly zero: nothing to measure)."""
+    from distill.evaluate import read_checkpoint
     from distill.module import DMDModule
 
     if ckpt is None:
-        from distill.cli import main
+        from distill.config import load_config
+        from distill.train import fit
 
         tmp = tempfile.mkdtemp(prefix="distill-bench-")
-        args = ["fit", *(["--config", config_path] if config_path else []), *overrides, f"run.dir={tmp}",
-                f"trainer.max_steps={warmup_steps}", f"trainer.checkpoint_every_steps={warmup_steps}",
-                "estimator.K=1", "estimator.proposal=uniform", "estimator.stratify=none",
-                "estimator.diagnostic_every=0", "logging.wandb=disabled", "logging.samples_every_steps=0"]
-        code = main(args)
+        warm = load_config(FitConfig, config_path, [
+            *overrides, f"run.dir={tmp}", f"trainer.max_steps={warmup_steps}",
+            f"trainer.checkpoint_every_steps={warmup_steps}", "estimator.K=1", "estimator.proposal=uniform",
+            "estimator.stratify=none", "estimator.diagnostic_every=0", "logging.wandb=disabled",
+            "logging.samples_every_steps=0"])
+        code = fit(warm).exit_code
         if code != 0:
             raise RuntimeError(f"the warm-up run failed with status {code}")
         ckpt = str(Path(tmp) / "checkpoints" / "last.ckpt")
@@ -78,20 +97,36 @@ def _frozen_module(cfg: FitConfig, ckpt: str | None, warmup_steps: int, config_p
     else:
         state = f"checkpoint {ckpt}"
     module = DMDModule(cfg)
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(ckpt)
+    _check_fits(ckpt, checkpoint, module, config_path)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module, state
 
 
+def _check_fits(ckpt: str, checkpoint: dict, module, config_path: str | None) -> None:
+    """A checkpoint of other networks than the config's is named in one line (train.check_fits' comparison)
+    instead of load_state_dict's list of every mismatched tensor; the hint is bench's, not fit's."""
+    from distill.train import check_fits
+
+    try:
+        check_fits(Path(ckpt), checkpoint["state_dict"], module)
+    except DistillError as e:
+        what = str(e).split("; expected")[0]
+        raise DistillError(f"--ckpt: {what}; expected a checkpoint of the networks of --config "
+                           f"{config_path or '(defaults)'} and its overrides") from None
+
+
 def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32, warmup_steps: int = 200,
                    pilot_rounds: int = 20, diagnostic_rounds: int = 16, device: str = "cpu", progress: bool = True,
                    config_path: str | None = None, overrides: list[str] = ()) -> dict:
+    from distill.evaluate import resolve_device
+
+    dev = resolve_device(device)
     cfg = replace(cfg, estimator=replace(cfg.estimator, K=1, proposal="uniform", stratify="none",
                                          diagnostic_every=0))
     module, state = _frozen_module(cfg, ckpt, warmup_steps, config_path, list(overrides))
-    module = module.to(device)
-    dev = torch.device(device)
+    module = module.to(dev)
     N = cfg.data.batch_size // (cfg.trainer.devices * cfg.trainer.num_nodes)
     N -= N % 2
     params = [p for p in module.generator.parameters() if p.requires_grad]
@@ -140,7 +175,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
                     g = module._integrand(x, labels, t, eps)
                 sampler.record(t, g.pow(2).flatten(2).sum(-1))
                 sampler.update()  # the first update (warmup=1) builds q from the pilot records; later ones fold in
-            sampler._set_q(sampler.build_q())
+            sampler.freeze()
         m = _Moments()
         seconds, book = 0.0, 0.0
         bar = None
@@ -162,7 +197,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
                 b0 = time.perf_counter()
                 g_bar = weighted_mean(g, w)
                 sampler.record(t, g.pow(2).flatten(2).sum(-1))  # bookkeeping as in training (not applied: frozen q)
-                sampler._pending = None
+                sampler.update()
                 book += time.perf_counter() - b0
             grads = torch.autograd.grad(dmd_loss(x, g_bar).mean(), params, allow_unused=True)
             flat = torch.cat([(gr if gr is not None else torch.zeros_like(q)).flatten() for gr, q in zip(grads, params)])

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -21,16 +23,22 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from distill.errors import ConfigError, DistillError
 
 
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a help line."""
+def _f(default: Any, help: str, expected: str = "") -> Any:
+    """A dataclass field with a default and a help line; `expected` words a list field's type errors."""
+    metadata = {"help": help, "expected": expected} if expected else {"help": help}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _check(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
         raise ConfigError(key, f"expected {expected}, got {value!r}")
+
+
+def _finite(*values: Any) -> bool:
+    """Real numbers, not nan or inf: inf passes `> 0` and nan fails every comparison, so range checks start here."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -133,9 +141,12 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         _check(self.kind in ("diffusers", "gmm"), "teacher.kind", "one of diffusers, gmm", self.kind)
-        _check(self.guidance_scale >= 0, "teacher.guidance_scale", "a number >= 0", self.guidance_scale)
+        _check(_finite(self.guidance_scale) and self.guidance_scale >= 0, "teacher.guidance_scale",
+               "a finite number >= 0", self.guidance_scale)
         _check(self.gmm_modes >= 1, "teacher.gmm_modes", "an integer >= 1", self.gmm_modes)
-        _check(self.gmm_std > 0, "teacher.gmm_std", "a number > 0", self.gmm_std)
+        _check(_finite(self.gmm_radius) and self.gmm_radius > 0, "teacher.gmm_radius", "a finite number > 0",
+               self.gmm_radius)
+        _check(_finite(self.gmm_std) and self.gmm_std > 0, "teacher.gmm_std", "a finite number > 0", self.gmm_std)
         _check(self.num_timesteps >= 10, "teacher.num_timesteps", "an integer >= 10", self.num_timesteps)
 
 
@@ -151,7 +162,11 @@ class GeneratorConfig:
 
     def __post_init__(self) -> None:
         _check(self.init in ("teacher", "mlp"), "generator.init", "one of teacher, mlp", self.init)
-        _check(0.0 <= self.ema_decay < 1.0, "generator.ema_decay", "a number in [0, 1)", self.ema_decay)
+        # the upper bound, the teacher's T, is checked where the teacher is known (OneStepGenerator)
+        _check(self.t_init is None or self.t_init >= 0, "generator.t_init",
+               "an integer >= 0 (or null: the last index, T-1)", self.t_init)
+        _check(_finite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0, "generator.ema_decay", "a number in [0, 1)",
+               self.ema_decay)
         _check(self.mlp_hidden >= 1, "generator.mlp_hidden", "an integer >= 1", self.mlp_hidden)
         _check(self.mlp_depth >= 1, "generator.mlp_depth", "an integer >= 1", self.mlp_depth)
 
@@ -187,18 +202,22 @@ class EstimatorConfig:
     adaptive_smoothing: float = _f(1.0, "adaptive: Gaussian smoothing across bins (std in bins; 0: none)")
     adaptive_floor: float = _f(0.05, "adaptive: floor of the table, as a fraction of its max")
     adaptive_mix: float = _f(0.1, "adaptive: defensive mixture q = (1 - mix) q_hat + mix p, so w <= 1/mix")
-    adaptive_warmup: int = _f(100, "adaptive: steps on q = p before the first proposal")
-    adaptive_refresh_every: int = _f(50, "adaptive: steps between proposal refreshes")
-    diagnostic_every: int = _f(0, "exact parameter-space split-half variance estimate every this many steps "
-                                  "(0: off; K auto needs it and defaults to 50)")
+    adaptive_warmup: int = _f(100, "adaptive: generator updates (one every optim.ttur steps) on q = p before the "
+                                   "first proposal")
+    adaptive_refresh_every: int = _f(50, "adaptive: generator updates (one every optim.ttur steps) between proposal "
+                                         "refreshes")
+    diagnostic_every: int = _f(0, "exact parameter-space split-half variance estimate every this many generator "
+                                  "updates (one every optim.ttur steps); 0: off; K auto needs it and defaults to 50")
     diagnostic_K: int = _f(4, "inner draws used by a diagnostic step (even, >= 2)")
     k_max: int = _f(32, "K auto: largest K")
     max_draws: int = _f(0, "K auto: most inner draws per device per step, a memory bound (0: none)")
-    auto_every: int = _f(50, "K auto: steps between choices of K")
+    auto_every: int = _f(50, "K auto: generator updates (one every optim.ttur steps) between choices of K")
     auto_ema: float = _f(0.8, "K auto: EMA weight on old variance estimates")
     cost: str = _f("flops", "K auto: cost measure, flops (reproducible) | time (measured wall time)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.K, str) and re.fullmatch(r"[0-9]+", self.K):
+            self.K = int(self.K)  # a quoted "4", as OmegaConf converts a quoted "100" for the int keys
         auto = self.K == "auto"
         _check(auto or (isinstance(self.K, int) and not isinstance(self.K, bool) and self.K >= 1), "estimator.K",
                "an integer >= 1 or auto", self.K)
@@ -206,14 +225,19 @@ class EstimatorConfig:
                self.proposal)
         _check(self.stratify in ("none", "per_sample", "batch", "global"), "estimator.stratify",
                "one of none, per_sample, batch, global", self.stratify)
-        _check(0.0 <= self.t_min < 1.0, "estimator.t_min", "a fraction in [0, 1)", self.t_min)
-        _check(self.t_min < self.t_max <= 1.0, "estimator.t_max", f"a fraction in ({self.t_min}, 1]", self.t_max)
+        _check(_finite(self.t_min) and 0.0 <= self.t_min < 1.0, "estimator.t_min", "a fraction in [0, 1)", self.t_min)
+        _check(_finite(self.t_max) and self.t_min < self.t_max <= 1.0, "estimator.t_max",
+               f"a fraction in ({self.t_min}, 1]", self.t_max)
         _check(self.chunk_size >= 0, "estimator.chunk_size", "an integer >= 0", self.chunk_size)
         _check(self.adaptive_bins >= 1, "estimator.adaptive_bins", "an integer >= 1", self.adaptive_bins)
-        _check(0 <= self.adaptive_ema < 1, "estimator.adaptive_ema", "a number in [0, 1)", self.adaptive_ema)
-        _check(self.adaptive_smoothing >= 0, "estimator.adaptive_smoothing", "a number >= 0", self.adaptive_smoothing)
-        _check(0 <= self.adaptive_floor <= 1, "estimator.adaptive_floor", "a fraction in [0, 1]", self.adaptive_floor)
-        _check(0 < self.adaptive_mix <= 1, "estimator.adaptive_mix", "a fraction in (0, 1]", self.adaptive_mix)
+        _check(_finite(self.adaptive_ema) and 0 <= self.adaptive_ema < 1, "estimator.adaptive_ema",
+               "a number in [0, 1)", self.adaptive_ema)
+        _check(_finite(self.adaptive_smoothing) and self.adaptive_smoothing >= 0, "estimator.adaptive_smoothing",
+               "a finite number >= 0", self.adaptive_smoothing)
+        _check(_finite(self.adaptive_floor) and 0 <= self.adaptive_floor <= 1, "estimator.adaptive_floor",
+               "a fraction in [0, 1]", self.adaptive_floor)
+        _check(_finite(self.adaptive_mix) and 0 < self.adaptive_mix <= 1, "estimator.adaptive_mix",
+               "a fraction in (0, 1]", self.adaptive_mix)
         _check(self.adaptive_warmup >= 0, "estimator.adaptive_warmup", "an integer >= 0", self.adaptive_warmup)
         _check(self.adaptive_refresh_every >= 1, "estimator.adaptive_refresh_every", "an integer >= 1",
                self.adaptive_refresh_every)
@@ -223,7 +247,8 @@ class EstimatorConfig:
         _check(self.k_max >= 1, "estimator.k_max", "an integer >= 1", self.k_max)
         _check(self.max_draws >= 0, "estimator.max_draws", "an integer >= 0", self.max_draws)
         _check(self.auto_every >= 1, "estimator.auto_every", "an integer >= 1", self.auto_every)
-        _check(0 <= self.auto_ema < 1, "estimator.auto_ema", "a number in [0, 1)", self.auto_ema)
+        _check(_finite(self.auto_ema) and 0 <= self.auto_ema < 1, "estimator.auto_ema", "a number in [0, 1)",
+               self.auto_ema)
         _check(self.cost in ("flops", "time"), "estimator.cost", "one of flops, time", self.cost)
         if auto and self.diagnostic_every == 0:
             self.diagnostic_every = 50  # K auto runs on the exact estimates
@@ -240,18 +265,23 @@ class OptimConfig:
 
     lr_generator: float = _f(2e-5, "generator learning rate")
     lr_fake_score: float = _f(2e-5, "fake-score learning rate")
-    betas: list[float] = _f([0.0, 0.999], "AdamW betas (both networks)")
+    betas: list[float] = _f([0.0, 0.999], "AdamW betas (both networks)",
+                            "a list of two numbers such as [0.0, 0.999]")
     weight_decay: float = _f(0.01, "AdamW weight decay (both networks)")
     grad_clip: float = _f(10.0, "gradient-norm clip (both networks; 0: off)")
     ttur: int = _f(5, "the generator is updated every ttur steps, the fake score every step (DMD2: 5)")
 
     def __post_init__(self) -> None:
-        _check(self.lr_generator > 0, "optim.lr_generator", "a number > 0", self.lr_generator)
-        _check(self.lr_fake_score > 0, "optim.lr_fake_score", "a number > 0", self.lr_fake_score)
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-               "two numbers in [0, 1)", list(self.betas))
-        _check(self.weight_decay >= 0, "optim.weight_decay", "a number >= 0", self.weight_decay)
-        _check(self.grad_clip >= 0, "optim.grad_clip", "a number >= 0", self.grad_clip)
+        _check(_finite(self.lr_generator) and self.lr_generator > 0, "optim.lr_generator", "a finite number > 0",
+               self.lr_generator)
+        _check(_finite(self.lr_fake_score) and self.lr_fake_score > 0, "optim.lr_fake_score", "a finite number > 0",
+               self.lr_fake_score)
+        _check(len(self.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in self.betas), "optim.betas",
+               "a list of two numbers in [0, 1) such as [0.0, 0.999]", list(self.betas))
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", "a finite number >= 0",
+               self.weight_decay)
+        _check(_finite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip", "a finite number >= 0",
+               self.grad_clip)
         _check(self.ttur >= 1, "optim.ttur", "an integer >= 1", self.ttur)
 
 
@@ -315,8 +345,9 @@ class FitConfig:
             _check(t.guidance_scale == 1.0, "teacher.guidance_scale", "1.0 (the gmm teacher is unconditional)",
                    t.guidance_scale)
             if self.generator.t_init is not None:
-                _check(0 <= self.generator.t_init < t.num_timesteps, "generator.t_init",
-                       f"an index in [0, {t.num_timesteps})", self.generator.t_init)
+                _check(self.generator.t_init < t.num_timesteps, "generator.t_init",  # T is known here: say so now
+                       f"an index in [0, {t.num_timesteps}) of the teacher's {t.num_timesteps} time steps",
+                       self.generator.t_init)
         if self.data.path is not None:
             _check_dir(self.data.path, "data.path", "a folder of train-*.tar shards (see `distill data --help`)")
         _check_devices(self.data.batch_size, self.trainer)
@@ -349,7 +380,8 @@ class FitConfig:
 class UNetConfig:
     """A diffusers UNet2DModel and its DDPM schedule."""
 
-    block_out_channels: list[int] = _f([32, 64], "channels per resolution level")
+    block_out_channels: list[int] = _f([32, 64], "channels per resolution level",
+                                       "a list of channel counts (integers >= 8) such as [32, 64]")
     layers_per_block: int = _f(1, "ResNet layers per level")
     attention: bool = _f(True, "self-attention in the lowest-resolution level")
     class_dropout: float = _f(0.1, "probability of replacing the label by the null class (for CFG)")
@@ -358,10 +390,13 @@ class UNetConfig:
     beta_schedule: str = _f("linear", "linear | scaled_linear | squaredcos_cap_v2")
 
     def __post_init__(self) -> None:
-        _check(len(self.block_out_channels) >= 1 and all(c >= 8 for c in self.block_out_channels),
-               "unet.block_out_channels", "a list of channel counts >= 8", list(self.block_out_channels))
+        channels = self.block_out_channels
+        _check(len(channels) >= 1 and all(isinstance(c, int) and c >= 8 for c in channels),
+               "unet.block_out_channels", "a list of channel counts (integers >= 8) such as [32, 64]",
+               list(self.block_out_channels))
         _check(self.layers_per_block >= 1, "unet.layers_per_block", "an integer >= 1", self.layers_per_block)
-        _check(0 <= self.class_dropout < 1, "unet.class_dropout", "a probability in [0, 1)", self.class_dropout)
+        _check(_finite(self.class_dropout) and 0 <= self.class_dropout < 1, "unet.class_dropout",
+               "a probability in [0, 1)", self.class_dropout)
         _check(self.prediction_type in ("epsilon", "v_prediction", "sample"), "unet.prediction_type",
                "one of epsilon, v_prediction, sample", self.prediction_type)
         _check(self.num_train_timesteps >= 10, "unet.num_train_timesteps", "an integer >= 10",
@@ -381,17 +416,22 @@ class TeacherOptimConfig:
     ema_decay: float = _f(0.999, "EMA decay; the EMA weights are what gets saved")
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", "a number > 0", self.lr)
+        _check(_finite(self.lr) and self.lr > 0, "optim.lr", "a finite number > 0", self.lr)
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
-        _check(self.grad_clip >= 0, "optim.grad_clip", "a number >= 0", self.grad_clip)
-        _check(0.0 <= self.ema_decay < 1.0, "optim.ema_decay", "a number in [0, 1)", self.ema_decay)
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", "a finite number >= 0",
+               self.weight_decay)
+        _check(_finite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip", "a finite number >= 0",
+               self.grad_clip)
+        _check(_finite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0, "optim.ema_decay", "a number in [0, 1)",
+               self.ema_decay)
 
 
 @dataclass
 class TeacherTrainConfig:
     """`distill teacher`: train a class-conditional diffusers UNet teacher on shards."""
 
-    out: str = _f("data/teachers/digits", "folder the trained teacher is saved to (save_pretrained layout)")
+    out: str = _f("", "folder the trained teacher is saved to (save_pretrained layout); empty: <run.dir>/teacher. "
+                      "An existing folder with files is refused unless --overwrite")
     sample_steps: int = _f(50, "DDIM steps for the sample grid saved beside the teacher")
     sample_guidance_scale: float = _f(1.0, "CFG scale for that grid")
     run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/teacher-digits"))
@@ -405,6 +445,8 @@ class TeacherTrainConfig:
         _check(self.data.path is not None, "data.path", "a shard folder", None)
         _check_dir(self.data.path, "data.path", "a folder of train-*.tar shards (see `distill data --help`)")
         _check(self.sample_steps >= 1, "sample_steps", "an integer >= 1", self.sample_steps)
+        _check(_finite(self.sample_guidance_scale) and self.sample_guidance_scale >= 0, "sample_guidance_scale",
+               "a finite number >= 0", self.sample_guidance_scale)
         _check_devices(self.data.batch_size, self.trainer)
 
 
@@ -468,21 +510,90 @@ def _unknown_key(schema: type, key: str) -> ConfigError:
     return ConfigError(key, f"unknown key{hint}")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key set twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def __init__(self, stream: str, where: str, prefix: str = ""):
+        super().__init__(stream)
+        self.where, self.key_prefix = where, prefix
+        self.paths: dict[int, str] = {}  # id(mapping node) -> its dotted name + "."; parents are built first
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        prefix = self.paths.get(id(node), self.key_prefix)
+        lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:  # before flatten_mapping: `<<` merges may be overridden
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader refuses it with its own message
+            self.paths[id(value_node)] = f"{prefix}{key}."
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                at = f" (lines {lines[key]} and {line})" if self.where.startswith("config file") else ""
+                raise ConfigError(f"{prefix}{key}", f"set twice in {self.where}{at}; expected each key once")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str, where: str, prefix: str = "") -> Any:
+    loader = _StrictLoader(text, where, prefix)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _read_config_file(path: str | Path) -> dict:
+    name = f"config file {str(path)!r}"
+    if os.path.isdir(path):
+        raise DistillError(f"{name} is a folder; expected a YAML file such as configs/digits.yaml")
+    if not os.path.isfile(path):
+        raise DistillError(f"{name} not found; expected a YAML file such as configs/digits.yaml")
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DistillError(f"{name} is not UTF-8 text (byte {e.start}); expected a YAML file such as "
+                           f"configs/digits.yaml") from None
+    except OSError as e:
+        raise DistillError(f"{name} cannot be read ({e.strerror}); expected a readable YAML file") from None
+    try:
+        data = _load_yaml(text, name) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise DistillError(f"{name} is not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise DistillError(f"{name}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _check_shapes(schema: type, layer: dict, prefix: str = "") -> None:
+    """A section given a value, or a list field given a scalar: OmegaConf's own errors lose the key or the point."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for name, value in layer.items():
+        f = fields.get(name)
+        if f is None:
+            continue  # an unknown key: the merge names it, with a suggestion
+        key = f"{prefix}{name}"
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                first = dataclasses.fields(sub)[0].name
+                example = f"{key}.{first}={_yaml_scalar(getattr(sub, first))}"
+                raise ConfigError(key, f"expected a section of keys (e.g. {example}), got {value!r}")
+            _check_shapes(type(sub), value, key + ".")
+        elif str(f.type).startswith("list") and not isinstance(value, list):
+            raise ConfigError(key, f"expected {f.metadata['expected']}, got {value!r}")
+
+
 def load_config(schema: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
     """Schema defaults <- YAML file <- `key=value` overrides, validated; raises ConfigError/DistillError."""
     base = OmegaConf.structured(schema)
     layers = []
     if path is not None:
-        if not os.path.isfile(path):
-            raise DistillError(f"config file {str(path)!r} not found; expected a YAML file such as configs/digits.yaml")
-        try:
-            with open(path) as fh:
-                data = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as e:
-            raise DistillError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise DistillError(f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}")
-        layers.append(data)
+        layers.append(_read_config_file(path))
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq or not key:
@@ -490,7 +601,7 @@ def load_config(schema: type[C], path: str | Path | None = None, overrides: list
         if key.startswith("+"):
             raise DistillError(f"override {item!r}: '+' is Hydra syntax; write {key[1:]}={value}")
         try:
-            parsed = yaml.safe_load(value) if value else ""
+            parsed = _load_yaml(value, f"override {item!r}", key + ".") if value else ""
         except yaml.YAMLError:
             parsed = value
         layer: dict = {}
@@ -502,6 +613,7 @@ def load_config(schema: type[C], path: str | Path | None = None, overrides: list
         layers.append(layer)
     cfg = base
     for layer in layers:
+        _check_shapes(schema, layer)
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except ConfigKeyError as e:
@@ -521,11 +633,13 @@ def load_config(schema: type[C], path: str | Path | None = None, overrides: list
 
 
 def _bad_type(schema: type, e: ValidationError) -> ConfigError:
-    key = e.full_key or "?"
+    key = re.sub(r"\[\d+\]$", "", e.full_key or "?")  # optim.betas[0]: an item of a list field
     f = all_keys(schema).get(key)
     if f is None:
         return ConfigError(key, str(e).splitlines()[0])
-    expected = str(f.type).replace("Optional[", "").replace("]", "").replace("typing.", "")
+    if f.metadata.get("expected"):
+        return ConfigError(key, f"expected {f.metadata['expected']}, got {_value_of(e)!r}")
+    expected = re.sub(r"^Optional\[(.*)\]$", r"\1", str(f.type)).replace("typing.", "")
     if f.type == "bool" or f.type is bool:
         expected = "true or false"
     return ConfigError(key, f"expected {expected}, got {_value_of(e)!r}")

@@ -6,6 +6,7 @@ Layout of a shard folder (what every reader here expects):
     out/train-000000.tar, out/train-000001.tar, ...   samples of `shard_size`, shuffled once at write time
     out/val-000000.tar, ...
     out/meta.json                                     source, num_classes, classes, channels, resolution, counts
+                                                      (and, from a folder, what was skipped)
 
 Each sample is `<key>.cls` (the class index as text) and `<key>.png` (8-bit "L" or "RGB"). Readers map pixels
 to float32 in [-1, 1] as uint8 / 255 * 2 - 1.
@@ -19,8 +20,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import struct
+import sys
 import tarfile
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +40,9 @@ from distill.errors import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _WRITERS_HINT = "written by `distill data digits` or `distill data shards`"
 _DIGITS_MAX = 16  # sklearn digits pixel values are integers 0..16
+# What PIL raises for a file that is not a whole PNG or JPEG: unidentified, truncated, a broken chunk or stream,
+# or more pixels than PIL's decompression-bomb limit.
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -62,71 +70,133 @@ def write_folder_shards(src: str | Path, out: str | Path, channels: int = 3, res
                         val_fraction: float = 0.1, seed: int = 0, shard_size: int = 500) -> dict:
     """A folder of images in class subfolders (`src/<class>/*.png|jpg|jpeg`) as train/val shards in `out`.
 
-    The class index is the position of the subfolder name in sorted order. Images are converted to "L"
-    (channels=1) or "RGB" (channels=3) and resized to resolution x resolution (bicubic) when it is given; without
-    it every image must already have the same size.
+    The class index is the position of the subfolder name in natural order (numbers compare as numbers: "2" before
+    "10"); meta.json lists the names in index order under "classes", so that indices map back. Images are converted
+    to "L" (channels=1) or "RGB" (channels=3) and resized to resolution x resolution (bicubic) when it is given;
+    without it every image must already have the same size.
+
+    One bad file should not cost a long conversion, so what cannot be used is skipped, with one line each on stderr,
+    and recorded in meta.json: an unreadable image (counted in "skipped_images") and a class folder without a
+    readable image (named in "skipped_classes"; it gets no index, so every class index has samples). No readable
+    image at all is an error.
     """
     if channels not in (1, 3):
         raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
         raise DataError(f"resolution must be a positive integer or None, got {resolution!r}")
     src = Path(src)
-    files, classes = _list_image_folder(src)
+    folders, empty = _list_image_folder(src)
+    # Pass 1 decodes every image once and writes nothing: unreadable files are found now, so that the classes and
+    # the train/val counts are final before the first shard.
+    images, classes, unreadable, skipped_images = _readable_classes(src, folders)
+    size = _common_size([(file, file_size) for file, file_size, _ in images], resolution)
     mode = "L" if channels == 1 else "RGB"
 
-    # Pass 1, headers only: sizes agree (or will after resizing), every file is an image. Nothing is written yet.
-    size = (resolution, resolution) if resolution is not None else None
-    first = None
-    for file, _ in files:
-        file_size = _open_image(file).size
-        if resolution is None:
-            if size is None:
-                size, first = file_size, file
-            elif file_size != size:
-                raise DataError(f"image {file} is {file_size[0]}x{file_size[1]}, expected {size[0]}x{size[1]} "
-                                f"like {first} (give a resolution to resize all images)")
-
     def load(i: int) -> np.ndarray:
-        file = files[i][0]
+        file = images[i][0]
         try:
             with Image.open(file) as image:
                 image = image.convert(mode)
                 if resolution is not None:
                     image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
                 return np.asarray(image, dtype=np.uint8)  # (H, W) or (H, W, 3)
-        except (OSError, ValueError, UnidentifiedImageError) as exn:
-            raise DataError(f"cannot read image {file}: {exn}; expected a PNG or JPEG file") from exn
+        except _UNREADABLE as exn:  # it decoded in pass 1: the file changed since
+            raise DataError(f"cannot read image {file}: {_reason_of(file, exn)}; expected a PNG or JPEG file") from exn
 
-    items = [(f"img-{i:06d}", label) for i, (_, label) in enumerate(files)]
+    items = [(f"img-{i:06d}", label) for i, (_, _, label) in enumerate(images)]
     meta = {"source": os.path.abspath(src), "num_classes": len(classes), "classes": classes, "channels": channels,
-            "resolution": [size[1], size[0]]}  # PIL sizes are (W, H); meta holds [H, W]
+            "resolution": [size[1], size[0]],  # PIL sizes are (W, H); meta holds [H, W]
+            "skipped_classes": sorted(empty + unreadable, key=_natural_key), "skipped_images": skipped_images}
     return _write_shards(out, items, load, meta, val_fraction, seed, shard_size)
 
 
-def _list_image_folder(src: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """(file, class index) pairs in sorted order and the sorted class names; hidden entries are ignored."""
+def _list_image_folder(src: Path) -> tuple[list[tuple[str, list[Path]]], list[str]]:
+    """(class folder name, its image files in sorted order) in natural order of the names, and the names of the
+    class folders without image files, each skipped with a line on stderr; hidden entries are ignored."""
     expected = f"expected a folder with one subfolder of {'/'.join(IMAGE_SUFFIXES)} images per class"
     if not src.is_dir():
         raise DataError(f"image folder {src} does not exist; {expected}")
-    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    names = sorted((p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_natural_key)
+    if not names:
         raise DataError(f"image folder {src} has no class subfolders; {expected}")
-    files = []
-    for label, name in enumerate(classes):
-        for file in sorted((src / name).iterdir()):
-            if file.is_file() and not file.name.startswith(".") and file.suffix.lower() in IMAGE_SUFFIXES:
-                files.append((file, label))
-    if not files:
-        raise DataError(f"image folder {src} has no images in its class subfolders {classes}; {expected}")
-    return files, classes
+    folders = [(name, _image_files(src / name)) for name in names]
+    if not any(files for _, files in folders):
+        raise DataError(f"image folder {src} has no images in its class subfolders {names}; {expected}")
+    empty = [name for name, files in folders if not files]
+    for name in empty:
+        _warn(f"skipping class folder {src / name}: no {'/'.join(IMAGE_SUFFIXES)} images in it (subfolders are "
+              f"not searched), so it gets no class index")
+    return [(name, files) for name, files in folders if files], empty
 
 
-def _open_image(file: Path) -> Image.Image:
-    try:
-        with Image.open(file) as image:
-            return image
-    except (OSError, ValueError, UnidentifiedImageError) as exn:
-        raise DataError(f"cannot read image {file}: {exn}; expected a PNG or JPEG file") from exn
+def _image_files(folder: Path) -> list[Path]:
+    return [file for file in sorted(folder.iterdir())
+            if file.is_file() and not file.name.startswith(".") and file.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _natural_key(name: str) -> tuple[list, str]:
+    """Sort key that compares runs of digits as numbers ("2" < "10", "c2" < "c10"). Names that differ only in
+    leading zeros ("c2", "c02") are ordered by the text, so the order never depends on the file system."""
+    parts = re.split(r"([0-9]+)", name)  # text, digits, text, ...: the same type at each position of two keys
+    return [int(part) if i % 2 else part for i, part in enumerate(parts)], name
+
+
+def _readable_classes(src: Path, folders: list[tuple[str, list[Path]]]
+                      ) -> tuple[list[tuple[Path, tuple[int, int], int]], list[str], list[str], int]:
+    """(file, (W, H), class index) of every readable image, the class names in index order, the class folders
+    without a readable image (skipped with a line on stderr, no index), and the number of unreadable images."""
+    found = [(name, _readable_images(files)) for name, files in folders]
+    skipped_images = sum(len(files) for _, files in folders) - sum(len(readable) for _, readable in found)
+    if not any(readable for _, readable in found):
+        raise DataError(f"image folder {src} has no readable image: all {skipped_images} failed to decode; "
+                        f"expected PNG or JPEG files")
+    images, classes, unreadable = [], [], []
+    for name, readable in found:
+        if not readable:
+            _warn(f"skipping class folder {src / name}: no readable image in it, so it gets no class index")
+            unreadable.append(name)
+            continue
+        images += [(file, size, len(classes)) for file, size in readable]
+        classes.append(name)
+    return images, classes, unreadable, skipped_images
+
+
+def _readable_images(files: list[Path]) -> list[tuple[Path, tuple[int, int]]]:
+    """(file, (W, H)) of each file that decodes; each other one is skipped with a line on stderr. Decoding the
+    pixels, not only the header, finds truncated files too."""
+    readable = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image.load()
+                readable.append((file, image.size))
+        except _UNREADABLE as exn:
+            _warn(f"skipping unreadable image {file}: {_reason_of(file, exn)}; expected a PNG or JPEG file")
+    return readable
+
+
+def _common_size(images: list[tuple[Path, tuple[int, int]]], resolution: int | None) -> tuple[int, int]:
+    """(W, H) of the written images: resolution x resolution, or else the size that every image must share."""
+    if resolution is not None:
+        return resolution, resolution
+    first, size = images[0]
+    for file, file_size in images[1:]:
+        if file_size != size:
+            raise DataError(f"image {file} is {file_size[0]}x{file_size[1]}, expected {size[0]}x{size[1]} "
+                            f"like {first} (give a resolution to resize all images)")
+    return size
+
+
+def _reason_of(file: Path, exn: BaseException) -> str:
+    # PIL repeats the path ("cannot identify image file '/a/b.png'"); the message names the file once already.
+    # Whitespace is collapsed so that the reason stays on the message's one line.
+    return " ".join(str(exn).replace(f" '{file}'", "").split()) or type(exn).__name__
+
+
+def _warn(message: str) -> None:
+    """One line on stderr. Not warnings.warn: Python shows a repeated warning once per process and adds a line of
+    source, and a conversion must name everything it skips, each time it runs."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _encode_png(array: np.ndarray) -> bytes:

@@ -504,11 +504,12 @@ def save_stats(path: str | Path, stats: dict) -> None:
 
 
 def load_stats(path: str | Path, expected_extractor_id: str | None = None, num_features: int | None = None) -> dict:
-    """Reference statistics {mu, sigma, n, extractor_id} from `save_stats` files or EDM-style npz (mu, sigma only;
-    then extractor_id "unknown" and n 0).
+    """Reference statistics {mu, sigma, n, extractor_id, sha} from `save_stats` files or EDM-style npz (mu, sigma
+    only; then extractor_id "unknown" and n 0). `sha` identifies the numbers (`stats_sha`), not the file.
 
     With `expected_extractor_id`, statistics of another known extractor are refused; unknown ones are accepted
-    with a warning when their size equals `num_features` (when given).
+    with a warning when their size equals `num_features` (when given). Statistics no extractor could have made
+    (a placeholder, a sigma that is no covariance) are refused: they would give a number, not an FID.
     """
     file = Path(path)
     expected = "expected an npz file with mu (d,) and sigma (d, d), as written by `distill stats`"
@@ -535,14 +536,46 @@ def load_stats(path: str | Path, expected_extractor_id: str | None = None, num_f
     if num_features is not None and len(mu) != num_features:
         raise DistillError(f"reference statistics {file} have {len(mu)} features ({extractor_id}), the extractor "
                            f"{expected_extractor_id or ''} gives {num_features}; expected the same extractor")
-    if expected_extractor_id is not None:
-        if extractor_id == UNKNOWN_ID:
-            warnings.warn(f"reference statistics {file} do not say which extractor made them; assuming "
-                          f"{expected_extractor_id} ({len(mu)} features)", stacklevel=2)
-        elif extractor_id != expected_extractor_id:
-            raise DistillError(f"reference statistics {file} made with {extractor_id}, features are "
-                               f"{expected_extractor_id}; expected the same extractor")
-    return {"mu": mu, "sigma": sigma, "n": n, "extractor_id": extractor_id}
+    if expected_extractor_id is not None and extractor_id not in (UNKNOWN_ID, expected_extractor_id):
+        raise DistillError(f"reference statistics {file} made with {extractor_id}, features are "
+                           f"{expected_extractor_id}; expected the same extractor")
+    _check_covariance(file, mu, sigma)
+    if expected_extractor_id is not None and extractor_id == UNKNOWN_ID:
+        warnings.warn(f"reference statistics {file} do not say which extractor made them; assuming "
+                      f"{expected_extractor_id} ({len(mu)} features)", stacklevel=2)
+    return {"mu": mu, "sigma": sigma, "n": n, "extractor_id": extractor_id, "sha": stats_sha(mu, sigma)}
+
+
+# Relative tolerance of the covariance checks: far above the round-off of a covariance computed or stored in
+# float32 (about sqrt(d) * 6e-8 of its largest entry), far below what a wrong matrix is off by (order 1).
+_COVARIANCE_TOL = 1e-4
+
+
+def _check_covariance(file: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """Refuse statistics that no feature extractor produced: mu = 0 with sigma = I exactly (the stub a script
+    writes before the real statistics exist), a sigma that is not symmetric, or one with a clearly negative
+    eigenvalue (a covariance is symmetric positive semi-definite)."""
+    d = len(mu)
+    if not mu.any() and np.array_equal(sigma, np.eye(d)):
+        raise DistillError(f"reference statistics {file} are a placeholder (mu = 0, sigma = the identity, "
+                           f"{d} features); expected statistics of real images from `distill stats` (or EDM's)")
+    scale = float(np.abs(sigma).max())  # d >= 1 here: d = 0 is the placeholder above
+    asymmetry = float(np.abs(sigma - sigma.T).max())
+    if asymmetry > _COVARIANCE_TOL * scale:
+        raise DistillError(f"reference statistics {file} have a sigma that is not symmetric (max |sigma - "
+                           f"sigma^T| = {asymmetry:.3g}, max |sigma| = {scale:.3g}); expected a covariance matrix")
+    eigenvalues = np.linalg.eigvalsh(sigma)  # reads one triangle: symmetric up to the tolerance above
+    lowest, highest = float(eigenvalues[0]), float(eigenvalues[-1])  # ascending
+    if lowest < -_COVARIANCE_TOL * max(highest, 0.0):
+        raise DistillError(f"reference statistics {file} have a sigma with a negative eigenvalue ({lowest:.3g}; "
+                           f"largest {highest:.3g}); expected a covariance matrix (positive semi-definite)")
+
+
+def stats_sha(mu, sigma) -> str:
+    """First 12 hex digits of sha256 over mu and sigma as float64 bytes: the same numbers give the same id
+    whatever the file's name, dtype or other entries (what `distill fid`'s results file is keyed on)."""
+    mu, sigma = np.ascontiguousarray(mu, np.float64), np.ascontiguousarray(sigma, np.float64)
+    return hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------------------------------------------

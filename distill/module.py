@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distill.carv import TimestepSampler, anova, count_flops, dmd_timestep_p, ecm, ecm_oracle, k_star, split_half
+from distill.carv import TimestepSampler, anova, dmd_timestep_p, ecm, ecm_oracle, k_star
 from distill.carv.controller import KController, weighted_mean
+from distill.carv.diagnostics import measure_costs, split_half_estimate
 from distill.config import FitConfig
+from distill.distributed import all_mean, is_distributed
 from distill.losses import denoising_loss, dmd_grad, dmd_loss
 from distill.plots import grid_image, scatter_image
 from distill.schedules import vp_schedule
@@ -37,21 +39,6 @@ from distill.teachers import (
     load_diffusers_teacher,
     trainable_copy,
 )
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _all_mean(values: list[float]) -> list[float]:
-    """The mean over ranks of each value (identity without a process group)."""
-    if not _distributed():
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.all_reduce(t)
-    return (t / torch.distributed.get_world_size()).cpu().tolist()
 
 
 def gmm_teacher(cfg: FitConfig) -> GaussianMixtureDenoiser:
@@ -98,17 +85,20 @@ class DMDModule(L.LightningModule):
         self.k_control = KController(1 if e.K == "auto" else e.K, e.K == "auto", e.k_max, e.max_draws, e.auto_ema)
         self.costs: dict[str, float] = {}  # c_u, c_i in FLOPs and seconds per sample / per draw
         self.g_steps = 0  # generator updates so far
-        self.nonfinite_total = 0  # updates skipped for a non-finite loss or gradient
-        self.nonfinite_in_a_row = 0
+        # updates skipped for a non-finite loss or gradient, kept on the device (no host sync in a step):
+        # [total, in a row now, most in a row since the last check, step of the last one]
+        self.health: Tensor | None = None
         self.step = 0  # completed training steps (not optimiser calls)
         self.max_steps = cfg.trainer.max_steps
+        self.batch_per_device = cfg.data.batch_size // (cfg.trainer.devices * cfg.trainer.num_nodes)  # N
         self.progress_postfix: dict[str, float] = {}
-        self._acc: dict[str, list[float]] = {}
+        self._acc: dict[str, list] = {}
 
     # ---------------------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.cfg.optim
-        kw = dict(betas=tuple(o.betas), weight_decay=o.weight_decay)
+        # fused: a skipped (non-finite) step is masked on the device through `found_inf`, with no host sync
+        kw = dict(betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
         opt_g = torch.optim.AdamW(self.generator.parameters(), lr=o.lr_generator, **kw)
         opt_f = torch.optim.AdamW(self.fake_score.parameters(), lr=o.lr_fake_score, **kw)
         return [opt_g, opt_f]
@@ -117,48 +107,80 @@ class DMDModule(L.LightningModule):
     def conditional(self) -> bool:
         return getattr(self.teacher, "num_classes", None) is not None
 
-    def _update(self, opt, loss: Tensor, params, name: str) -> tuple[float, bool]:
-        """Backward, clip, step: (gradient norm, whether the step was taken). A non-finite loss or gradient on any
-        rank skips the step on every rank (no optimiser step; the caller skips the EMA) and is counted."""
+    def on_train_start(self) -> None:
+        # the config is the truth: a resumed run with an allowed change to optim takes it (Lightning restored the
+        # optimisers' hyperparameters from the checkpoint)
+        o = self.cfg.optim
+        for opt, lr in zip(self.trainer.optimizers, (o.lr_generator, o.lr_fake_score)):
+            for group in opt.param_groups:
+                group.update(lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    def _update(self, opt, loss: Tensor, params) -> tuple[Tensor, Tensor]:
+        """Backward, clip, step: (gradient norm, whether the step was taken), both tensors on the device. A
+        non-finite loss or gradient on any rank skips the step on every rank: the fused optimiser sees `found_inf`
+        and changes nothing (parameters, moments, step count); the caller masks the EMA and the bookkeeping. No
+        host synchronisation."""
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         params = [p for p in params if p.grad is not None]
         clip = self.cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         finite = torch.stack([loss.detach().float(), norm.detach().float()]).isfinite().all().float()
-        if _distributed():
+        if is_distributed():
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if finite.item() < 1:
-            opt.zero_grad(set_to_none=True)
-            self._nonfinite(name)
-            return float("nan"), False
+        optimizer = getattr(opt, "optimizer", opt)  # Lightning's wrapper around the torch optimiser
+        optimizer.found_inf = 1.0 - finite
         opt.step()
-        return float(norm), True
+        return norm.detach(), finite > 0
 
-    def _nonfinite(self, name: str) -> None:
-        self.nonfinite_total += 1
-        self.nonfinite_in_a_row += 1
-        self.accumulate({"health/nonfinite_steps": float(self.nonfinite_total),
-                         "health/last_nonfinite_step": float(self.step)})
+    def _count_nonfinite(self, taken: list[Tensor]) -> None:
+        """Fold this step's update outcomes into the health counters (on the device)."""
+        if self.health is None:
+            self.health = torch.zeros(4, dtype=torch.float64, device=self.device)
+        h = self.health
+        skipped = torch.stack([~ok for ok in taken]).to(h.dtype)  # (updates this step,)
+        bad = skipped.sum()
+        h[0] += bad
+        h[1] = torch.where(bad > 0, h[1] + bad, torch.zeros_like(h[1]))
+        h[2] = torch.maximum(h[2], h[1])
+        h[3] = torch.where(bad > 0, torch.full_like(h[3], self.step), h[3])
+
+    def check_health(self) -> dict[str, float]:
+        """Read the health counters (a host sync: called on logging and checkpoint steps only); stop the run when
+        `trainer.max_nonfinite` updates in a row were skipped."""
+        if self.health is None:
+            return {}
+        total, now, most, last = self.health.tolist()
+        self.health[2] = self.health[1]
         limit = self.cfg.trainer.max_nonfinite
-        if self.nonfinite_in_a_row >= limit:
+        if most >= limit:
             from distill.errors import DistillError
 
-            raise DistillError(f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient (the "
-                               f"last at step {self.step}, in the {name} update; trainer.max_nonfinite = {limit}); "
-                               f"stopped with the last good checkpoint intact in {self.cfg.run.dir}/checkpoints")
+            raise DistillError(f"{int(most)} updates in a row had a non-finite loss or gradient (the last at step "
+                               f"{int(last)}; trainer.max_nonfinite = {limit}); stopped with the last good checkpoint "
+                               f"intact in {self.cfg.run.dir}/checkpoints")
+        if total == 0:
+            return {}
+        return {"health/nonfinite_steps": total, "health/last_nonfinite_step": last}
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x_real, _ = batch  # DMD needs no real images: the batch gives the shape (and, later, GAN / regression data)
+    def _sync_due(self) -> bool:
+        """Steps that read device values on the host anyway: logging, checkpoints, the end."""
+        t = self.cfg.trainer
+        return (self.step % t.log_every_steps == 0 or self.step % t.checkpoint_every_steps == 0
+                or self.step >= self.max_steps)
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        # DMD reads no real data: the batch is only the step's index (GAN and regression terms will read data)
         opt_g, opt_f = self.optimizers()
-        N = x_real.shape[0]
+        N = self.batch_per_device
         update_generator = self.step % self.cfg.optim.ttur == 0
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Tensor | float] = {}
+        taken = []
 
         # 1. sample z (and class labels, uniform as in DMD2) and generate x = G(z) (with grad only when the
         #    generator is updated this step). Every random number is a function of (seed, rank, step).
         rng = self._step_generator()
-        z = torch.randn(x_real.shape, generator=rng, device=self.device)
+        z = torch.randn((N, *self.sample_shape()), generator=rng, device=self.device)
         labels = (torch.randint(0, self.teacher.num_classes, (N,), generator=rng, device=self.device)
                   if self.conditional else None)
         with torch.set_grad_enabled(update_generator):
@@ -172,17 +194,17 @@ class DMDModule(L.LightningModule):
             # 3. teacher and fake-score predictions at all N*K x_t, batched, no grad: the per-draw integrand g
             with torch.no_grad():
                 g = self._integrand(x.detach(), labels, t, eps)  # (N, K, ...)
-                g_bar = weighted_mean(g, w)  # (1/K) sum_k w g  (DESIGN §1, hierarchical estimator)
+                g_bar = weighted_mean(g, w)  # (1/K) sum_k w g  (docs/method.md §4, hierarchical estimator)
             # 4. DMD gradient and generator update: d loss / dx = g_bar / numel
             loss_g = dmd_loss(x, g_bar).mean()
             if self._diagnostic_due():
                 metrics.update(self._split_half_diagnostic(x, labels))  # exact parameter-space (σ_b², σ_w²)
-            metrics["grad_norm/generator"], stepped = self._update(opt_g, loss_g, self.generator.parameters(),
-                                                                  "generator")
-            metrics["loss/generator_dm"] = loss_g.item()
-            if stepped:  # a skipped (non-finite) update feeds neither the EMA nor the proposal statistics
-                self._ema_update()
-                metrics.update(self._bookkeeping(t, w, g, N))
+            metrics["grad_norm/generator"], stepped = self._update(opt_g, loss_g, self.generator.parameters())
+            metrics["loss/generator_dm"] = loss_g.detach()
+            taken.append(stepped)
+            # a skipped (non-finite) update feeds neither the EMA nor the proposal statistics (masked on the device)
+            self._ema_update(stepped)
+            metrics.update(self._bookkeeping(t, w, g, N, stepped))
 
         # 5. fake-score update: the teacher's denoising loss on G's (detached) samples, t over the full range
         x0 = x.detach()
@@ -190,14 +212,15 @@ class DMDModule(L.LightningModule):
         x_t = self.teacher.schedule.add_noise(x0, torch.randn(x0.shape, generator=rng, device=self.device), t_f)
         x0_hat = self.fake_score(x_t, t_f, labels)
         loss_f = denoising_loss(x0_hat, x0, self.fake_score.loss_weight(t_f, x0)).mean()
-        metrics["grad_norm/fake_score"], stepped_f = self._update(opt_f, loss_f, self.fake_score.parameters(),
-                                                                  "fake-score")
-        metrics["loss/fake_score"] = loss_f.item()
-        if stepped_f and (not update_generator or stepped):
-            self.nonfinite_in_a_row = 0
+        metrics["grad_norm/fake_score"], stepped_f = self._update(opt_f, loss_f, self.fake_score.parameters())
+        metrics["loss/fake_score"] = loss_f.detach()
+        taken.append(stepped_f)
+        self._count_nonfinite(taken)
 
         self.step += 1
         self.accumulate(metrics)
+        if self._sync_due():
+            self.accumulate(self.check_health())
 
     # ---------------------------------------------------------------------------------------------------------
     # CARV: draws, the batched integrand, bookkeeping.
@@ -227,23 +250,23 @@ class DMDModule(L.LightningModule):
             out.append(dmd_grad(x_rep[sl], mu_real, mu_fake))
         return torch.cat(out).view(N, K, *x.shape[1:])
 
-    def _bookkeeping(self, t: Tensor, w: Tensor, g: Tensor, N: int) -> dict[str, float]:
-        """Proposal statistics from this step's draws (used only for later steps), x-space ANOVA, choice of K."""
-        metrics: dict[str, float] = {"carv/K": float(t.shape[1])}
+    def _bookkeeping(self, t: Tensor, w: Tensor, g: Tensor, N: int, taken: Tensor) -> dict:
+        """Proposal statistics from this step's draws (used only for later steps), x-space ANOVA, choice of K.
+        `taken` masks the statistics of a skipped update on the device."""
+        metrics: dict = {"carv/K": float(t.shape[1])}
         if self.costs:
             metrics["carv/cost_upstream"], metrics["carv/cost_inner"] = self._cost_pair()
         sq_norm = g.pow(2).flatten(2).sum(-1)  # (N, K): ||g||^2 of the unweighted integrand
-        self.sampler.record(t, sq_norm)
-        if _distributed() and self.sampler._pending:
-            for table in self.sampler._pending:  # every rank folds the same statistics: same q everywhere
-                torch.distributed.all_reduce(table)
+        self.sampler.record(t, sq_norm, taken)
+        if is_distributed():  # every rank folds the same statistics: the same q everywhere
+            self.sampler.reduce_pending(torch.distributed.all_reduce)
         self.sampler.update()
         self.g_steps += 1
-        if self.g_steps % self.cfg.estimator.auto_every == 0 and _distributed():
+        if self.g_steps % self.cfg.estimator.auto_every == 0 and is_distributed():
             metrics["carv/ranks_agree"] = self._check_ranks_agree()
         if t.shape[1] >= 2:  # one-way ANOVA over the K draws of each sample (x-space proxy, free)
             sb2, sw2 = anova(w.view(*w.shape, *([1] * (g.dim() - 2))) * g)
-            metrics["carv/x_sigma_b2"], metrics["carv/x_sigma_w2"] = float(sb2), float(sw2)
+            metrics["carv/x_sigma_b2"], metrics["carv/x_sigma_w2"] = sb2, sw2
         e = self.cfg.estimator
         if self.k_control.auto and self.g_steps % e.auto_every == 0 and self.costs:
             c_u, c_i = self._cost_pair()
@@ -274,30 +297,17 @@ class DMDModule(L.LightningModule):
 
     def split_half_estimate(self, x: Tensor, labels: Tensor | None, sampler: TimestepSampler, Kd: int,
                             rng: torch.Generator) -> tuple[float, float]:
-        """Exact parameter-space (σ_b², σ_w²) by the split-half estimate of DESIGN §1: halves i of the N samples
-        (x = G(z) with its graph), halves A/B of Kd iid draws from `sampler`'s current q, four parameter gradients
-        G_iA, G_iB by autograd.grad (nothing accumulates in .grad; no state changes)."""
-        N = x.shape[0]
-        t, w = sampler.sample(N, Kd, generator=rng, device=self.device, stratify="none")
-        eps = torch.randn((N * Kd, *x.shape[1:]), generator=rng, device=self.device)
-        with torch.no_grad():
-            y = w.view(*w.shape, *([1] * (x.dim() - 1))) * self._integrand(x.detach(), labels, t, eps)  # (N, Kd, ...)
+        """Exact parameter-space (σ_b², σ_w²) of the generator's gradient at x = G(z) (with its graph), from Kd
+        iid draws of `sampler`'s current q (distill.carv.diagnostics.split_half_estimate; no state changes)."""
         params = [p for p in self.generator.parameters() if p.requires_grad]
-        grads = []
-        for half in (slice(0, N // 2), slice(N // 2, N)):
-            for draws in (slice(0, Kd // 2), slice(Kd // 2, Kd)):
-                loss = dmd_loss(x[half], y[half, draws].mean(1)).mean()
-                grads.append(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
-        flat = [torch.cat([(gr if gr is not None else torch.zeros_like(p)).flatten()
-                           for gr, p in zip(G, params)]).double() for G in grads]
-        sigma_b2, sigma_w2 = (float(v) for v in split_half(*flat, N=N, K=Kd))
-        return sigma_b2, sigma_w2
+        return split_half_estimate(x, params, lambda x_, t, eps: self._integrand(x_, labels, t, eps), dmd_loss,
+                                   sampler, Kd, rng)
 
     def _split_half_diagnostic(self, x: Tensor, labels: Tensor | None) -> dict[str, float]:
         """The diagnostic step: split-half (σ_b², σ_w²) on its own noise, folded into the K controller."""
         rng = self._step_generator(salt=1)
         sigma_b2, sigma_w2 = self.split_half_estimate(x, labels, self.sampler, self.cfg.estimator.diagnostic_K, rng)
-        sigma_b2, sigma_w2 = _all_mean([sigma_b2, sigma_w2])  # every rank folds the same figures: the same K
+        sigma_b2, sigma_w2 = all_mean([sigma_b2, sigma_w2])  # every rank folds the same figures: the same K
         self.k_control.observe(sigma_b2, sigma_w2)
         out = {"carv/sigma_b2": sigma_b2, "carv/sigma_w2": sigma_w2}
         if self.costs and self.k_control.sigma_b2 is not None:
@@ -313,11 +323,8 @@ class DMDModule(L.LightningModule):
     @torch.no_grad()
     def measure_costs(self, N: int, labels: Tensor | None = None) -> dict[str, float]:
         """c_u (generator forward + backward, per sample) and c_i (teacher, with guidance if any, + fake score, per
-        draw), as FLOPs (torch.utils.flop_counter) and as wall time."""
-        import time
-
-        shape = (N, *self.sample_shape())
-        z = torch.zeros(shape, device=self.device)
+        draw), as FLOPs and as wall time (distill.carv.diagnostics.measure_costs)."""
+        z = torch.zeros((N, *self.sample_shape()), device=self.device)
         t = torch.full((N,), (self.sampler.lo + self.sampler.hi) // 2, device=self.device, dtype=torch.long)
 
         def upstream():
@@ -330,20 +337,7 @@ class DMDModule(L.LightningModule):
             self.teacher(z, t, labels, guidance_scale=self.cfg.teacher.guidance_scale)
             self.fake_score(z, t, labels)
 
-        out = {}
-        for name, fn in (("upstream", upstream), ("inner", inner)):
-            out[f"{name}_flops"] = count_flops(fn) / N
-            fn()  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(3):
-                fn()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            out[f"{name}_seconds"] = (time.perf_counter() - t0) / 3 / N
-        # a network whose ops the FLOP counter cannot see (the closed-form mixture teacher) costs what it takes
-        for name in ("upstream", "inner"):
-            out[f"{name}_flops"] = max(out[f"{name}_flops"], 1.0)
-        return out
+        return measure_costs(upstream, inner, N, N, self.device)
 
     def sample_shape(self) -> tuple[int, ...]:
         if isinstance(self.teacher, GaussianMixtureDenoiser):
@@ -357,7 +351,7 @@ class DMDModule(L.LightningModule):
             N = max(1, self.cfg.data.batch_size // max(1, self.trainer.world_size))
             labels = torch.zeros(N, dtype=torch.long, device=self.device) if self.conditional else None
             costs = self.measure_costs(N, labels)
-            self.costs = dict(zip(costs, _all_mean(list(costs.values()))))  # wall times differ across ranks
+            self.costs = dict(zip(costs, all_mean(list(costs.values()))))  # wall times differ across ranks
 
     def _step_generator(self, rank_specific: bool = True, salt: int = 0) -> torch.Generator:
         """The step's noise comes from (seed, rank, step) alone: ranks draw different noise, and a resumed run
@@ -367,15 +361,16 @@ class DMDModule(L.LightningModule):
         seed = np.random.SeedSequence(entropy).generate_state(1)[0]
         return torch.Generator(device=self.device).manual_seed(int(seed))
 
-    def _ema_update(self) -> None:
-        ema_update(self.ema, self.generator, self.cfg.generator.ema_decay, self.step // self.cfg.optim.ttur)
+    def _ema_update(self, taken: Tensor) -> None:
+        ema_update(self.ema, self.generator, self.cfg.generator.ema_decay, self.step // self.cfg.optim.ttur, taken)
 
     # ---------------------------------------------------------------------------------------------------------
     # Logging: running means over the window, written to every logger with step = training step.
 
-    def accumulate(self, metrics: dict[str, float]) -> None:
+    def accumulate(self, metrics: dict) -> None:
+        """Metrics of one step, kept as they come (device tensors stay on the device until `flush_metrics`)."""
         for k, v in metrics.items():
-            self._acc.setdefault(k, []).append(float(v))
+            self._acc.setdefault(k, []).append(v.detach() if torch.is_tensor(v) else float(v))
 
     def on_train_batch_start(self, batch, batch_idx) -> int | None:
         return -1 if self.step >= self.max_steps else None  # -1 ends the (endless) epoch, and with it the fit
@@ -383,8 +378,10 @@ class DMDModule(L.LightningModule):
     def flush_metrics(self) -> None:
         """Write the running means of the window to every logger at the current step."""
         # running means over the window; counters and evaluations report their latest value
-        means = {k: (v[-1] if k.startswith(("health/", "fid/")) else sum(v) / len(v)) for k, v in self._acc.items()
-                 if v}
+        means = {k: float(v[-1] if k.startswith(("health/", "fid/")) else
+                          (torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device) for x in v]).mean()
+                           if any(torch.is_tensor(x) for x in v) else sum(v) / len(v)))
+                 for k, v in self._acc.items() if v}
         self._acc.clear()
         if not means:
             return
@@ -441,7 +438,8 @@ class DMDModule(L.LightningModule):
 
         checkpoint["distill"] = {"step": self.step, "config": to_yaml(self.cfg), "g_steps": self.g_steps, "sampler": self.sampler.state_dict(),
                                  "k_control": self.k_control.state_dict(), "costs": dict(self.costs),
-                                 "nonfinite": [self.nonfinite_total, self.nonfinite_in_a_row]}
+                                 "nonfinite": [0, 0] if self.health is None else [int(v) for v in
+                                                                                   self.health[:2].tolist()]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher is frozen and reloaded from its folder; put it back so strict loading sees every key.
@@ -454,6 +452,9 @@ class DMDModule(L.LightningModule):
             self.sampler.load_state_dict(state["sampler"])
             self.k_control.load_state_dict(state["k_control"])
             self.costs = dict(state["costs"])
-            self.nonfinite_total, self.nonfinite_in_a_row = state.get("nonfinite", [0, 0])
+            total, in_a_row = state.get("nonfinite", [0, 0])
+            self.health = torch.tensor([total, in_a_row, in_a_row, 0], dtype=torch.float64, device=self.device)
+            if not self.k_control.auto:  # the config is the truth: an allowed change of estimator.K applies
+                self.k_control.K = int(self.cfg.estimator.K)
         if self.step >= self.max_steps:
             self.max_steps = self.step  # nothing left to do; the fit loop stops after setup

@@ -115,4 +115,4 @@ class TeacherModule(L.LightningModule):
         return out
 
     def on_save_checkpoint(self, checkpoint) -> None:
-        checkpoint["distill"] = {"step": self.step}
+        checkpoint["distill"] = {"step": self.step, "config": to_yaml(self.cfg)}

@@ -7,8 +7,11 @@ script's body are quoted with shlex by the builders here (the `*_q` placeholders
 
 Training jobs launch one `distill fit` per task with `srun`; Lightning reads the rank layout from SLURM, which
 needs `--nodes` and `--ntasks-per-node` (not `--ntasks` alone), with trainer.devices = tasks per node and
-trainer.num_nodes = nodes. On SIGUSR1 (`--signal=SIGUSR1@90`, or `scancel --signal=USR1 JOB`) the job checkpoints
-and requeues itself; the requeued job runs the same script, and `distill fit` resumes from the newest checkpoint.
+trainer.num_nodes = nodes, and one task per GPU (--gpus-per-node = --ntasks-per-node); a job without GPUs is pinned to
+trainer.accelerator=cpu. On SIGUSR1 (`--signal=SIGUSR1@90`, or `scancel --signal=USR1 JOB`) the job checkpoints and
+requeues itself; the requeued job runs the same script, and `distill fit` resumes from the newest checkpoint. So a
+time limit must outlast that warning, and the job reads a snapshot of its config written at submit time
+(RUN_DIR/slurm/train-<timestamp>.yaml, next to the script), not the YAML file the user may go on editing.
 
 No torch or Lightning here: `distill --help` builds this parser.
 """
@@ -24,17 +27,47 @@ import subprocess
 import sys
 import textwrap
 import time as _time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.runs import CKPT_GLOB
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
 START_LOCAL_CLUSTER = "bash slurm/local-cluster.sh start"
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 # Slurm's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
-_TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
-_CKPT_GLOB = "step=*.ckpt"  # distill.callbacks.CKPT_PREFIX; not imported, to keep Lightning out of `submit`
+_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+# `#SBATCH --signal=[{R|B}:]SIG[@SECONDS]`: SLURM sends SIG that many seconds (default 60) before the time limit
+_SIGNAL = re.compile(r"^#SBATCH[ \t]+--signal[= ](?:[RB]{1,2}:)?\w+(?:@(\d+))?[ \t]*$", re.M)
+
+
+def time_seconds(value: str) -> int:
+    """A SLURM time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS) in seconds; 0 is SLURM's "no limit"."""
+    m = _TIME.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        raise DistillError(f"--time {value!r}: expected a SLURM time limit such as HH:MM:SS, MM or D-HH:MM:SS")
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:  # HH:MM:SS
+        return a * 3600 + b * 60 + c
+    return a * 60 + (b or 0)  # MM, MM:SS
+
+
+def _check_time_outlasts_signal(time: str | None, script: str) -> None:
+    """A job signalled SIGUSR1 N s before its limit must be given more than N s, or it requeues as soon as it
+    starts (the warning comes from the rendered script, so a copied template with its own --signal counts)."""
+    m = _SIGNAL.search(script)
+    if not time or m is None:
+        return
+    seconds, warning = time_seconds(time), int(m[1] or 60)
+    if 0 < seconds <= warning:  # 0: no time limit, no warning
+        raise DistillError(f"--time {time!r} is {seconds} s, but the job is sent its checkpoint-and-requeue signal "
+                           f"{warning} s before the limit ({m[0].split()[-1]}), so it would requeue as soon as it "
+                           f"started; expected a time limit longer than {warning} s (MM counts minutes: --time 30 "
+                           f"is 30 minutes)")
 
 
 def render(template_path: str | Path, **values) -> str:
@@ -78,8 +111,14 @@ def _common_values(*, job_name: str, nodes: int, ntasks_per_node: int, gpus_per_
                                ("--gpus-per-node", gpus_per_node, 0), ("--cpus-per-task", cpus_per_task, 1)):
         if not isinstance(value, int) or value < low:
             raise DistillError(f"{option} {value!r}: expected an integer >= {low}")
-    if time and not _TIME.match(time):
-        raise DistillError(f"--time {time!r}: expected a SLURM time limit such as HH:MM:SS, MM or D-HH:MM:SS")
+    if time:
+        time_seconds(time)
+    if gpus_per_node and gpus_per_node != ntasks_per_node:
+        why = (f"each task drives one GPU, so {gpus_per_node - ntasks_per_node} GPU(s) per node would sit idle"
+               if gpus_per_node > ntasks_per_node else "each task needs one GPU of its own (one GPU per task)")
+        raise DistillError(f"--gpus-per-node {gpus_per_node} with --ntasks-per-node {ntasks_per_node}: {why}; "
+                           f"expected --gpus-per-node equal to --ntasks-per-node (one task per GPU): "
+                           f"--gpus-per-node {ntasks_per_node}, or --ntasks-per-node {gpus_per_node}")
     if job_name in ("bash", "interactive"):  # Lightning then assumes an interactive shell and ignores SLURM
         raise DistillError(f"--job-name {job_name!r}: Lightning treats this name as an interactive session and "
                            f"would not use SLURM's ranks; pick another name")
@@ -100,9 +139,16 @@ def _common_values(*, job_name: str, nodes: int, ntasks_per_node: int, gpus_per_
     }
 
 
-def _train_overrides(overrides: list[str], nodes: int, ntasks_per_node: int, run_dir: Path) -> list[str]:
-    """The user's overrides with the rank layout and the (absolute) run directory pinned to the job's."""
-    pinned = {"trainer.devices": ntasks_per_node, "trainer.num_nodes": nodes, "run.dir": run_dir}
+def _pinned(nodes: int, ntasks_per_node: int, gpus_per_node: int, run_dir: Path) -> dict:
+    """What the script itself decides: the rank layout, the (absolute) run directory and, with no GPUs, the CPU."""
+    cpu = {} if gpus_per_node else {"trainer.accelerator": "cpu"}
+    return {**cpu, "trainer.devices": ntasks_per_node, "trainer.num_nodes": nodes, "run.dir": run_dir}
+
+
+def _train_overrides(overrides: list[str], nodes: int, ntasks_per_node: int, gpus_per_node: int,
+                     run_dir: Path) -> list[str]:
+    """The user's overrides with the pinned values (`_pinned`) last, replacing the user's own for those keys."""
+    pinned = _pinned(nodes, ntasks_per_node, gpus_per_node, run_dir)
     kept = [o for o in overrides if o.partition("=")[0] not in pinned]
     return kept + [f"{k}={v}" for k, v in pinned.items()]
 
@@ -113,8 +159,9 @@ def build_train_script(config_path: str | Path, overrides: list[str], nodes: int
                        dependency: str | None = None, template: str | Path | None = None,
                        workdir: str | Path | None = None, python: str | None = None) -> str:
     """The sbatch script of a `distill fit` job: `nodes` x `ntasks_per_node` processes launched by srun, each
-    running `python -m distill fit --config CONFIG OVERRIDES trainer.devices=T trainer.num_nodes=N run.dir=RUN`
-    from `workdir` (default: the current directory)."""
+    running `python -m distill fit --config CONFIG OVERRIDES [trainer.accelerator=cpu] trainer.devices=T
+    trainer.num_nodes=N run.dir=RUN` from `workdir` (default: the current directory); accelerator=cpu is pinned
+    when `gpus_per_node` is 0. `distill submit` passes its config snapshot and no OVERRIDES."""
     run_dir = Path(run_dir).absolute()
     workdir = Path(workdir or os.getcwd()).absolute()
     values = _common_values(
@@ -122,8 +169,11 @@ def build_train_script(config_path: str | Path, overrides: list[str], nodes: int
         gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, time=time, partition=partition, account=account,
         dependency=dependency, log=run_dir / "slurm-%j.out", workdir=workdir, python=python or sys.executable)
     values["config_q"] = shlex.quote(str(Path(config_path).absolute()))
-    values["overrides_q"] = shlex.join(_train_overrides(list(overrides), nodes, ntasks_per_node, run_dir))
-    return render(template or TEMPLATE_DIR / "train.sbatch", **values)
+    values["overrides_q"] = shlex.join(_train_overrides(list(overrides), nodes, ntasks_per_node, gpus_per_node,
+                                                        run_dir))
+    script = render(template or TEMPLATE_DIR / "train.sbatch", **values)
+    _check_time_outlasts_signal(time, script)
+    return script
 
 
 def build_fid_script(run_dir: str | Path, ref: str | Path, num_samples: int, nodes: int = 1, ntasks_per_node: int = 1,
@@ -143,30 +193,60 @@ def build_fid_script(run_dir: str | Path, ref: str | Path, num_samples: int, nod
         dependency=dependency, log=run_dir / "slurm-fid-%j.out", workdir=workdir, python=python or sys.executable)
     values.update(run_dir_q=shlex.quote(str(run_dir)), ref_q=shlex.quote(str(Path(ref).absolute())),
                   num_samples=num_samples)
-    return render(template or TEMPLATE_DIR / "fid.sbatch", **values)
+    script = render(template or TEMPLATE_DIR / "fid.sbatch", **values)
+    _check_time_outlasts_signal(time, script)  # fid.sbatch asks for no signal; a copied template may
+    return script
 
 
-def write_script(script_text: str, run_dir: str | Path, kind: str = "train") -> Path:
-    """RUN_DIR/slurm/KIND-<timestamp>.sbatch, written atomically (the run directory is created: SLURM writes the
-    job's log there and does not create folders)."""
-    folder = Path(run_dir) / "slurm"
+def submission_path(run_dir: str | Path, kind: str = "train") -> Path:
+    """RUN_DIR/slurm/KIND-<timestamp>, a name no earlier submission used (with .sbatch: the script; with .yaml: the
+    config snapshot of a training job). Creates nothing."""
+    folder = Path(run_dir).absolute() / "slurm"
+    stamp = _time.strftime("%Y%m%d-%H%M%S")
+    base, n = folder / f"{kind}-{stamp}", 1
+    while base.with_suffix(".sbatch").exists() or base.with_suffix(".yaml").exists():
+        base, n = folder / f"{kind}-{stamp}-{n}", n + 1
+    return base
+
+
+def _write_atomic(path: Path, text: str, run_dir: str | Path, mode: int = 0o644, exclusive: bool = False) -> Path:
+    """Write `text` to `path` through a temporary file and a rename (the folder is created: SLURM writes the job's
+    log into the run directory and does not create folders). `exclusive`: never replace an existing file (a hard
+    link instead of the rename, where the file system has them)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DistillError(f"run directory {str(run_dir)!r} cannot be created ({e.strerror}); expected a folder "
                            f"you can write to") from None
-    stamp = _time.strftime("%Y%m%d-%H%M%S")
-    path, n = folder / f"{kind}-{stamp}.sbatch", 1
-    while path.exists():
-        path, n = folder / f"{kind}-{stamp}-{n}.sbatch", n + 1
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(script_text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        taken = DistillError(f"{path} was written by another submission in the same second; expected a new file: "
+                             f"submit again")
+        if not exclusive:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise taken from None
+            except OSError:  # a file system without hard links
+                if path.exists():
+                    raise taken from None
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def write_script(script_text: str, run_dir: str | Path, kind: str = "train", path: str | Path | None = None) -> Path:
+    """RUN_DIR/slurm/KIND-<timestamp>.sbatch (or `path`), written atomically; the run directory is created."""
+    path = Path(path) if path is not None else submission_path(run_dir, kind).with_suffix(".sbatch")
+    return _write_atomic(path, script_text, run_dir, 0o755)
 
 
 def _sbatch_executable() -> str:
@@ -209,8 +289,12 @@ def add_submit_parser(subparsers, formatter_class) -> argparse.ArgumentParser:
         description=textwrap.dedent("""\
             Render slurm/train.sbatch (or slurm/fid.sbatch) into RUN_DIR/slurm/ and submit it with sbatch.
             Each of nodes x ntasks-per-node tasks runs one `distill fit` (srun), with trainer.devices =
-            ntasks-per-node and trainer.num_nodes = nodes; data.batch_size stays the global batch. The job
-            log goes to RUN_DIR/slurm-JOBID.out. The config is checked before anything is submitted.
+            ntasks-per-node and trainer.num_nodes = nodes; data.batch_size stays the global batch. One task per
+            GPU: --gpus-per-node equals --ntasks-per-node; without GPUs the job runs on CPUs
+            (trainer.accelerator=cpu). The job log goes to RUN_DIR/slurm-JOBID.out. The config is checked before
+            anything is submitted, and the resolved config (file and key=value overrides) is saved next to the
+            script as RUN_DIR/slurm/train-<timestamp>.yaml: the job, and every requeue of it, reads that
+            snapshot, so editing the YAML file after submitting changes nothing.
 
             Preemption: 90 s before the time limit, or on `scancel --signal=USR1 JOBID`, the job writes a
             checkpoint at the end of the current step and requeues itself; the requeued job resumes from it
@@ -237,13 +321,13 @@ def add_submit_parser(subparsers, formatter_class) -> argparse.ArgumentParser:
                     help="processes per node, one per GPU (sets trainer.devices) [trainer.devices of the config; "
                          "1 with --fid]")
     sp.add_argument("--gpus-per-node", type=int, metavar="G",
-                    help="GPUs per node; 0 leaves the #SBATCH line out [T when trainer.accelerator is gpu or cuda, "
-                         "else 0]")
+                    help="GPUs per node, one per task: equal to --ntasks-per-node; 0 asks for none and runs the job "
+                         "on CPUs (trainer.accelerator=cpu) [T when trainer.accelerator is gpu or cuda, else 0]")
     sp.add_argument("--cpus-per-task", type=int, metavar="C",
                     help="CPUs per process, also its torch threads [data.num_workers + 1; 1 with --fid]")
     sp.add_argument("--time", metavar="HH:MM:SS",
-                    help="time limit (SLURM formats: MM, HH:MM:SS, D-HH:MM:SS); the job checkpoints and requeues "
-                         "90 s before it [the partition's default]")
+                    help="time limit (SLURM formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS), longer than "
+                         "90 s: the job checkpoints and requeues 90 s before it [the partition's default]")
     sp.add_argument("--partition", metavar="P", help="SLURM partition [the cluster's default]")
     sp.add_argument("--account", metavar="A", help="SLURM account to charge [your default]")
     sp.add_argument("--job-name", metavar="NAME", help="job name in squeue [distill-RUN or distill-fid-RUN]")
@@ -252,7 +336,8 @@ def add_submit_parser(subparsers, formatter_class) -> argparse.ArgumentParser:
     sp.add_argument("--template", metavar="FILE",
                     help="sbatch template to render instead of slurm/train.sbatch or slurm/fid.sbatch (copy one and "
                          "add your module loads)")
-    sp.add_argument("--dry-run", action="store_true", help="print the rendered script; write and submit nothing")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="print the rendered script (and the config snapshot's path); write and submit nothing")
     return sp
 
 
@@ -271,8 +356,33 @@ def _check_layout(option: str, given: int | None, key: str, configured: int) -> 
     return given
 
 
-def _train_job(args: argparse.Namespace) -> tuple[str, Path, str]:
-    from distill.config import FitConfig, load_config
+def _check_accelerator(accelerator: str, gpus: int, tasks: int) -> None:
+    """The config's trainer.accelerator against the GPUs the job asks SLURM for."""
+    if accelerator == "mps":
+        raise DistillError("trainer.accelerator=mps: Apple GPUs are not SLURM GPUs; expected cpu, or gpu with "
+                           f"--gpus-per-node {tasks}")
+    if gpus and accelerator == "cpu":
+        raise DistillError(f"--gpus-per-node {gpus} with trainer.accelerator=cpu: the GPUs would sit idle; expected "
+                           f"one of them: leave out --gpus-per-node for a CPU job, or set trainer.accelerator=gpu "
+                           f"(or auto)")
+    if not gpus and accelerator in ("gpu", "cuda"):
+        raise DistillError(f"--gpus-per-node 0 with --ntasks-per-node {tasks} and trainer.accelerator={accelerator}: "
+                           f"expected one GPU per task (--gpus-per-node {tasks}), or trainer.accelerator=cpu")
+
+
+@dataclass
+class _Job:
+    kind: str  # train | fid
+    script: str
+    run_dir: Path
+    layout: str  # for the user: "N node(s) x T task(s)"
+    script_path: Path  # where a submission writes the script
+    snapshot: tuple[Path, str] | None = None  # a training job's config snapshot: path and YAML text
+    notes: list[str] = field(default_factory=list)  # one line each, for the user
+
+
+def _train_job(args: argparse.Namespace) -> _Job:
+    from distill.config import FitConfig, load_config, to_yaml
 
     if args.config is None:
         raise DistillError("a training job needs --config FILE (e.g. configs/digits.yaml); or --fid RUN_DIR to "
@@ -280,21 +390,23 @@ def _train_job(args: argparse.Namespace) -> tuple[str, Path, str]:
     cfg = load_config(FitConfig, args.config, args.overrides)
     nodes = _check_layout("--nodes", args.nodes, "trainer.num_nodes", cfg.trainer.num_nodes)
     tasks = _check_layout("--ntasks-per-node", args.ntasks_per_node, "trainer.devices", cfg.trainer.devices)
-    run_dir = Path(cfg.run.dir).absolute()
-    overrides = _train_overrides(list(args.overrides), nodes, tasks, run_dir)
-    load_config(FitConfig, args.config, overrides)  # the job's own layout: e.g. the batch must divide by N*T
     gpus = _gpus_default(args.gpus_per_node, cfg.trainer.accelerator, tasks)
-    if cfg.trainer.accelerator in ("gpu", "cuda") and gpus < tasks:
-        raise DistillError(f"--gpus-per-node {gpus} with --ntasks-per-node {tasks} and trainer.accelerator="
-                           f"{cfg.trainer.accelerator}: expected one GPU per task (--gpus-per-node {tasks})")
-    script = build_train_script(args.config, args.overrides, nodes, tasks, gpus,
-                                args.cpus_per_task or cfg.data.num_workers + 1, args.time, args.partition,
-                                args.account, run_dir, job_name=args.job_name, dependency=args.after,
-                                template=args.template)
-    return script, run_dir, f"{nodes} node(s) x {tasks} task(s)"
+    _check_accelerator(cfg.trainer.accelerator, gpus, tasks)
+    run_dir = Path(cfg.run.dir).absolute()
+    # the config the job runs (e.g. the batch must divide by N*T): the snapshot it reads, pinned values included
+    job_cfg = load_config(FitConfig, args.config, _train_overrides(list(args.overrides), nodes, tasks, gpus, run_dir))
+    base = submission_path(run_dir, "train")
+    snapshot = base.with_suffix(".yaml")
+    script = build_train_script(snapshot, [], nodes, tasks, gpus, args.cpus_per_task or cfg.data.num_workers + 1,
+                                args.time, args.partition, args.account, run_dir, job_name=args.job_name,
+                                dependency=args.after, template=args.template)
+    notes = [] if gpus else [f"no GPUs asked for: the job runs on CPUs (trainer.accelerator=cpu); pass "
+                             f"--gpus-per-node N for N GPUs per node (N = --ntasks-per-node, {tasks})"]
+    return _Job("train", script, run_dir, f"{nodes} node(s) x {tasks} task(s)", base.with_suffix(".sbatch"),
+                (snapshot, to_yaml(job_cfg)), notes)
 
 
-def _fid_job(args: argparse.Namespace) -> tuple[str, Path, str]:
+def _fid_job(args: argparse.Namespace) -> _Job:
     run_dir = Path(args.fid).absolute()
     if args.ref is None:
         raise DistillError("--fid needs --ref FILE: reference statistics from `distill stats`")
@@ -305,8 +417,8 @@ def _fid_job(args: argparse.Namespace) -> tuple[str, Path, str]:
         raise DistillError(f"--ref {args.ref!r} does not exist; expected reference statistics from `distill stats`")
     if not run_dir.is_dir():
         raise DistillError(f"--fid {args.fid!r} does not exist; expected a run directory")
-    if args.after is None and not any((run_dir / "checkpoints").glob(_CKPT_GLOB)):
-        raise DistillError(f"--fid {args.fid!r} holds no checkpoints/{_CKPT_GLOB} yet; expected a run directory "
+    if args.after is None and not any((run_dir / "checkpoints").glob(CKPT_GLOB)):
+        raise DistillError(f"--fid {args.fid!r} holds no checkpoints/{CKPT_GLOB} yet; expected a run directory "
                            f"with checkpoints (or add --after JOBID to wait for its training job)")
     accelerator = "cpu"
     if (run_dir / "config.yaml").is_file():
@@ -321,7 +433,8 @@ def _fid_job(args: argparse.Namespace) -> tuple[str, Path, str]:
                               _gpus_default(args.gpus_per_node, accelerator, tasks), args.cpus_per_task or 1,
                               args.time, args.partition, args.account, job_name=args.job_name,
                               dependency=args.after, template=args.template)
-    return script, run_dir, f"{nodes} node(s) x {tasks} task(s)"
+    return _Job("fid", script, run_dir, f"{nodes} node(s) x {tasks} task(s)",
+                submission_path(run_dir, "fid").with_suffix(".sbatch"))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -330,21 +443,31 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise DistillError("--ref is for --fid RUN_DIR (evaluating checkpoints); training jobs take none")
     if args.after is not None and not re.fullmatch(r"\d+(_\d+)?", args.after):
         raise DistillError(f"--after {args.after!r}: expected a job id such as 12345")
-    kind = "train" if args.fid is None else "fid"
-    script, run_dir, layout = _train_job(args) if kind == "train" else _fid_job(args)
+    job = _train_job(args) if args.fid is None else _fid_job(args)
+    for note in job.notes:  # on stderr: --dry-run's stdout is the script alone
+        print(f"distill submit: {note}", file=sys.stderr)
     if args.dry_run:
-        print(script, end="")
+        print(job.script, end="")
+        if job.snapshot:
+            print(f"distill submit: dry run, nothing written; the job would read its config from {job.snapshot[0]}",
+                  file=sys.stderr)
         return 0
     _sbatch_executable()  # no SLURM: say so before writing anything
-    path = write_script(script, run_dir, kind)
+    if job.snapshot:
+        # exclusive: the job reads it when it starts (sbatch copies the script at once), so a submission to the
+        # same run directory in the same second must not replace it
+        _write_atomic(job.snapshot[0], job.snapshot[1], job.run_dir, exclusive=True)
+    path = write_script(job.script, job.run_dir, job.kind, job.script_path)
     job_id = sbatch(path)
-    log = run_dir / (f"slurm-{job_id}.out" if kind == "train" else f"slurm-fid-{job_id}.out")
-    print(f"submitted {kind} job {job_id} ({layout})")
+    log = job.run_dir / (f"slurm-{job_id}.out" if job.kind == "train" else f"slurm-fid-{job_id}.out")
+    print(f"submitted {job.kind} job {job_id} ({job.layout})")
     print(f"  script: {path}")
+    if job.snapshot:
+        print(f"  config: {job.snapshot[0]}   (what the job reads, requeues included)")
     print(f"  log:    {log}")
     print(f"  watch:  squeue -j {job_id}; tail -f {shlex.quote(str(log))}")
     print(f"  stop:   scancel {job_id}   (checkpoint and requeue now: scancel --signal=USR1 {job_id})"
-          if kind == "train" else f"  stop:   scancel {job_id}")
+          if job.kind == "train" else f"  stop:   scancel {job_id}")
     return 0
 
 

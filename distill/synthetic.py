@@ -1,35 +1,24 @@
-"""Endless batches drawn from a sampling function: the data stream of the exact Gaussian-mixture teacher,
-whose real samples cost nothing. Data code: takes a callable, imports no model code."""
+"""The data stream of `distill fit`: DMD reads no real data (its expectation is over the generator's own samples),
+so each training step gets only its index, and nothing is decoded or drawn that the step would throw away. The GAN
+and regression terms, which do read real data, bring their own stream."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import itertools
+from typing import Iterator
 
 import lightning as L
-import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 
-class _Stream(IterableDataset):
-    def __init__(self, sample: Callable[..., tuple[Tensor, Tensor]], batch_size: int, seed: int):
-        self.sample, self.batch_size, self.seed = sample, batch_size, seed
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, rank, 77]).generate_state(1)[0]))
-        while True:
-            x, labels = self.sample(self.batch_size, generator=gen)
-            yield x, labels
+class _Steps(IterableDataset):
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (torch.tensor(i) for i in itertools.count())
 
 
-class MixtureDataModule(L.LightningDataModule):
-    """`sample(n, generator=...) -> (x, labels)` called once per batch, with a per-rank seeded generator."""
-
-    def __init__(self, sample: Callable[..., tuple[Tensor, Tensor]], batch_size: int, seed: int = 0):
-        super().__init__()
-        self.sample, self.batch_size, self.seed = sample, batch_size, seed
+class StepStream(L.LightningDataModule):
+    """An endless stream of step indices, one per training step (batch_size=None: no collation)."""
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Stream(self.sample, self.batch_size, self.seed), batch_size=None, num_workers=0)
+        return DataLoader(_Steps(), batch_size=None, num_workers=0)

@@ -202,9 +202,17 @@ class OneStepGenerator(nn.Module):
     """G(z) = D_theta(x_init(z), t_init): x_init = sigma_{t_init} z for EDM, z for VP (DESIGN §1)."""
 
     def __init__(self, denoiser: Denoiser, t_init: int | None = None):
+        from distill.errors import ConfigError
+
         super().__init__()
         self.denoiser = denoiser
-        self.t_init = denoiser.T - 1 if t_init is None else int(t_init)
+        T = denoiser.T
+        # the config knows T only for the gmm teacher: a diffusers teacher's T is known once loaded, here; past it,
+        # indexing the schedule would fail much later (an IndexError in the first cost measurement)
+        if t_init is not None and not 0 <= t_init < T:
+            raise ConfigError("generator.t_init", f"expected an index in [0, {T}) of the teacher's {T} time steps, "
+                              f"got {t_init}")
+        self.t_init = T - 1 if t_init is None else int(t_init)
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         t = torch.full((z.shape[0],), self.t_init, device=z.device, dtype=torch.long)
@@ -323,11 +331,13 @@ def sample_shape_of(denoiser: Denoiser) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int, taken: Tensor | None = None) -> None:
     """ema <- ema + (1 - d)(model - ema) with the warm-up d = min(decay, (1 + step) / (10 + step)), so that the
-    first updates are not dominated by the initial weights (as in diffusers' EMAModel)."""
+    first updates are not dominated by the initial weights (as in diffusers' EMAModel). `taken`, a 0-dim bool
+    tensor, masks the update on the device (a skipped optimiser step moves nothing) without a host sync."""
     d = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
+    weight = 1.0 - d if taken is None else (1.0 - d) * taken.to(torch.float32)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], weight)
 
 
 def trainable_copy(denoiser: Denoiser) -> Denoiser:

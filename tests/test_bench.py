@@ -35,3 +35,54 @@ def test_bench_variance_writes_one_row_per_estimator(tmp_path):
     for row in result["rows"][1:]:
         assert row["mean_dist"] <= 4 * row["mean_se"], row["name"]
     assert "| baseline |" in r.stdout and "unbiased" in r.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input refused with one line before anything runs
+
+
+@pytest.fixture(scope="module")
+def gmm_ckpt(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("bench") / "run"
+    r = run_cli("fit", "--config", "configs/gmm.yaml", f"run.dir={run_dir}", "trainer.max_steps=10",
+                "logging.wandb=disabled", "logging.progress_bar=false", "eval.fid_every_steps=0",
+                "logging.samples_every_steps=0", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def bench(capsys, *args) -> tuple[int, str]:
+    """`distill bench variance ARGS` in this process: (status, the one line on stderr)."""
+    from distill.cli import main
+
+    capsys.readouterr()
+    code = main(["bench", "variance", *args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return code, lines[0]
+
+
+def test_a_checkpoint_of_other_networks_is_named_in_one_line(gmm_ckpt, capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    code, line = bench(capsys, "--config", "configs/gmm.yaml", "generator.mlp_hidden=64", "--ckpt", str(gmm_ckpt),
+                       "--json", str(out))
+    assert code == 2 and line.startswith("distill bench: error: ")
+    assert str(gmm_ckpt) in line and "other networks" in line and "configs/gmm.yaml" in line
+    assert len(line) < 400 and not out.exists()
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--warmup-steps", "0"], "--warmup-steps 0: expected an integer >= 1"),
+    (["--replicates", "1"], "--replicates 1: expected an integer >= 2"),
+    (["--device", "tpu"], "--device 'tpu'"),
+])
+def test_bad_options_are_named(capsys, args, named):
+    code, line = bench(capsys, "--config", "configs/gmm.yaml", *args)
+    assert code == 2 and named in line and "max_steps" not in line
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_refused(gmm_ckpt, capsys):
+    code, line = bench(capsys, "--config", "configs/gmm.yaml", "--ckpt", str(gmm_ckpt), "--device", "cuda")
+    assert code == 2 and "--device cuda: no CUDA device here; expected cpu or auto" in line

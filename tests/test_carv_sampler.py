@@ -300,6 +300,11 @@ def test_bad_calls_raise_naming_the_argument():
         s.sample(0, 2)
     with pytest.raises(ValueError, match="sq_norm"):
         s.record(torch.zeros(2, 3, dtype=torch.long), torch.zeros(6))
-    s.record(torch.full((2,), 10), torch.tensor([1.0, float("inf")]))
-    with pytest.raises(ValueError, match="sq_norm"):
-        s.update()
+    with pytest.raises(ValueError, match="sq_norm"):  # refused when recorded, before it can reach the table
+        s.record(torch.full((2,), 10), torch.tensor([1.0, float("inf")]))
+    s.update()
+    assert not s.seen.any()
+    # masked (a skipped update): nothing reaches the table, whatever the values
+    s.record(torch.full((2,), 10), torch.tensor([1.0, float("inf")]), taken=torch.tensor(False))
+    s.update()
+    assert not s.seen.any() and not s.m2.any()

@@ -37,3 +37,23 @@ def test_data_shards_cli_from_a_folder_of_images(tmp_path):
     assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("data", "digits", "--out", str(tmp_path / "o3"), "--val-fraction", "1.5", timeout=120)
     assert r.returncode == 2 and "--val-fraction" in r.stderr
+
+
+def test_data_shards_cli_skips_empty_classes_and_unreadable_images_with_a_line_each(tmp_path):
+    src, out = tmp_path / "imgs", tmp_path / "out"
+    for c in ("2", "10", "empty"):
+        (src / c).mkdir(parents=True)
+    for c in ("2", "10"):
+        for i in range(3):
+            Image.new("RGB", (8, 8), color=(10 * int(c), 0, 0)).save(src / c / f"{i}.png")
+    (src / "10" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    r = run_cli("data", "shards", "--src", str(src), "--out", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["classes"] == ["2", "10"] and meta["num_classes"] == 2  # numbers sort as numbers
+    assert meta["skipped_classes"] == ["empty"] and meta["skipped_images"] == 1
+    assert meta["train"] + meta["val"] == 6
+    # One line for each thing skipped, naming it; nothing else on stderr.
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2, r.stderr
+    assert str(src / "empty") in lines[0] and str(src / "10" / "corrupt.png") in lines[1]

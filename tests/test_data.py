@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+import distill.data
 from distill.data import (
     ShardDataModule,
     check_shards,
@@ -157,21 +158,126 @@ def test_folder_shards_with_a_mismatched_size_name_the_file(tmp_path):
     assert meta["train"] + meta["val"] == 13
 
 
-def test_folder_shards_with_an_unreadable_image_name_it(tmp_path):
-    make_image_folder(tmp_path / "src")
-    (tmp_path / "src" / "cat" / "broken.jpg").write_bytes(b"this is not a jpeg")
-    with pytest.raises(DataError, match=r"broken\.jpg"):
-        write_folder_shards(tmp_path / "src", tmp_path / "out")
-    # A valid header with truncated pixel data fails only while writing: the partial shards are removed.
-    shutil.rmtree(tmp_path / "src" / "cat")
-    (tmp_path / "src" / "cat").mkdir()
-    noise = np.random.default_rng(0).integers(0, 256, (9, 12, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(tmp_path / "src" / "cat" / "cut.png")
-    data = (tmp_path / "src" / "cat" / "cut.png").read_bytes()
-    (tmp_path / "src" / "cat" / "cut.png").write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match=r"cut\.png"):  # 6th in the seed-0 order: two shards are written by then
-        write_folder_shards(tmp_path / "src", tmp_path / "out", shard_size=2)
-    assert not list(tmp_path.glob("out/*.tar"))
+def stderr_lines(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def save_truncated_png(file, size=(12, 9)):
+    """A PNG whose header is valid and whose pixel data is cut in half: it opens, and fails only when decoded."""
+    noise = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(noise).save(file, format="png")
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def assert_labels_match_colours(out, meta, colours):
+    """Every sample of both splits has the colour of the class that meta["classes"][label] names."""
+    n = 0
+    for split in ("train", "val"):
+        if meta[split] == 0:
+            continue
+        for images, labels in iterate_split(out, split):
+            for image, label in zip(images, labels.tolist()):
+                expected = torch.tensor([c / 255 * 2 - 1 for c in colours[meta["classes"][label]]])
+                torch.testing.assert_close(image.mean((1, 2)), expected, atol=0.05, rtol=0)  # JPEG: a few levels
+                n += 1
+    assert n == meta["train"] + meta["val"]
+
+
+def test_folder_shards_skip_empty_class_folders_with_a_warning_each(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_image_folder(src)
+    (src / "bat").mkdir()  # empty; sorts between ant and bee, so an index given to it would shift bee and cat
+    (src / "dog" / "2024").mkdir(parents=True)  # images one level down are not searched: dog holds none
+    Image.new("RGB", (12, 9), (0, 0, 0)).save(src / "dog" / "2024" / "d.png")
+    (src / "dog" / "notes.txt").write_text("no images here")
+    meta = write_folder_shards(src, tmp_path / "out", val_fraction=0.25)
+    assert meta == read_meta(tmp_path / "out")
+    assert meta["classes"] == ["ant", "bee", "cat"] and meta["num_classes"] == 3
+    assert meta["skipped_classes"] == ["bat", "dog"] and meta["skipped_images"] == 0
+    assert meta["train"] + meta["val"] == 12
+    lines = stderr_lines(capsys)
+    assert len(lines) == 2  # one line per skipped folder, naming it
+    assert str(src / "bat") in lines[0] and str(src / "dog") in lines[1]
+    assert all("skipping class folder" in line and "no .png/.jpg/.jpeg images" in line for line in lines)
+    assert_labels_match_colours(tmp_path / "out", meta, COLOURS)
+
+
+def test_folder_shards_sort_class_folders_naturally(tmp_path):
+    names = ["10", "2", "c10", "1", "b", "c2"]
+    colours = {name: (40 * i, 250 - 40 * i, 128) for i, name in enumerate(names)}
+    for name, colour in colours.items():
+        (tmp_path / "src" / name).mkdir(parents=True)
+        Image.new("RGB", (4, 4), colour).save(tmp_path / "src" / name / "x.png")
+    meta = write_folder_shards(tmp_path / "src", tmp_path / "out", val_fraction=0.0)
+    # Numbers compare as numbers ("2" < "10", "c2" < "c10"); meta lists the names in index order.
+    assert meta["classes"] == ["1", "2", "10", "b", "c2", "c10"] and meta["num_classes"] == 6
+    assert read_meta(tmp_path / "out")["classes"] == meta["classes"]
+    assert_labels_match_colours(tmp_path / "out", meta, colours)
+
+
+def test_folder_shards_skip_unreadable_images_with_a_warning_each(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_image_folder(src)
+    (src / "ant" / "empty.png").write_bytes(b"")
+    save_truncated_png(src / "bee" / "cut.png")  # fails only when its pixels are decoded
+    (src / "cat" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    meta = write_folder_shards(src, tmp_path / "out", val_fraction=0.25)
+    assert meta == read_meta(tmp_path / "out")
+    assert meta["skipped_images"] == 3 and meta["skipped_classes"] == []
+    assert meta["classes"] == ["ant", "bee", "cat"] and meta["train"] + meta["val"] == 12
+    lines = stderr_lines(capsys)
+    assert len(lines) == 3  # one line per skipped file, naming it and the reason
+    for file in (src / "ant" / "empty.png", src / "bee" / "cut.png", src / "cat" / "broken.jpg"):
+        assert sum(str(file) in line for line in lines) == 1
+    assert all(line.startswith("warning: skipping unreadable image") for line in lines)
+    assert any("cut.png" in line and "truncated" in line for line in lines)
+    assert_labels_match_colours(tmp_path / "out", meta, COLOURS)
+
+
+def test_folder_shards_skip_a_class_folder_whose_images_are_all_unreadable(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_image_folder(src)
+    (src / "bat").mkdir()
+    save_truncated_png(src / "bat" / "b0.png")
+    (src / "bat" / "b1.jpg").write_bytes(b"junk")
+    meta = write_folder_shards(src, tmp_path / "out", val_fraction=0.25)
+    assert meta["classes"] == ["ant", "bee", "cat"] and meta["num_classes"] == 3
+    assert meta["skipped_classes"] == ["bat"] and meta["skipped_images"] == 2
+    lines = stderr_lines(capsys)
+    assert len(lines) == 3
+    bat = f"skipping class folder {src / 'bat'}: no readable image"
+    assert sum(bat in line for line in lines) == 1
+    assert_labels_match_colours(tmp_path / "out", meta, COLOURS)
+
+
+def test_folder_shards_refuse_a_folder_without_a_readable_image(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "x.png").write_bytes(b"junk")
+    save_truncated_png(src / "a" / "y.png")
+    message = rf"image folder {src} has no readable image: all 2 failed to decode; expected PNG or JPEG files"
+    with pytest.raises(DataError, match=message):
+        write_folder_shards(src, tmp_path / "out")
+    assert len(stderr_lines(capsys)) == 2  # the skipped files were named first
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (src / "a").iterdir()) == ["x.png", "y.png"]  # the user's files are untouched
+
+
+def test_folder_shards_stop_and_clean_up_when_an_image_breaks_while_writing(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    make_image_folder(src)
+    encode = distill.data._encode_png
+
+    def encode_and_break_cat(array):  # the folder changes after the check, as when another program writes to it
+        for file in (src / "cat").glob("cat*"):
+            file.write_bytes(b"gone")
+        return encode(array)
+
+    monkeypatch.setattr(distill.data, "_encode_png", encode_and_break_cat)
+    with pytest.raises(DataError, match=r"cannot read image .*cat[0-9]\.\w+: .*expected a PNG or JPEG file"):
+        write_folder_shards(src, tmp_path / "out", shard_size=2)
+    assert not list(tmp_path.glob("out/*.tar"))  # partial shards are removed, so the same command can run again
 
 
 def test_folder_shards_reject_missing_or_empty_folders(tmp_path):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -143,3 +143,81 @@ def test_fid_split_across_two_processes_equals_one_process(run_with_eval, ref_st
     assert a["samples"] == b["samples"] == 61
     assert b["fid"] == pytest.approx(a["fid"], rel=1e-6)
     assert "(2 processes)" in r2.stdout
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def moved_teacher_run(tiny_teacher, digits_shards, tmp_path_factory):
+    """A run whose teacher folder was moved after training: (run directory, the stored path, where it is now)."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("moved")
+    old, new = base / "teacher-old", base / "teacher-new"
+    shutil.copytree(tiny_teacher, old)
+    run_dir = base / "run"
+    r = run_cli("fit", "--config", str(REPO / "configs" / "digits.yaml"), f"run.dir={run_dir}",
+                "teacher.path=teacher-old", f"data.path={digits_shards}", "data.batch_size=8", "trainer.max_steps=2",
+                "logging.wandb=disabled", "logging.progress_bar=false", "eval.fid_every_steps=0",
+                "logging.samples_every_steps=0",
+                cwd=base, timeout=600)  # a relative teacher.path, as runs made before absolute paths stored it
+    assert r.returncode == 0, r.stderr[-3000:]
+    old.rename(new)
+    return run_dir, old, new
+
+
+def test_fid_names_a_missing_teacher_folder_and_takes_teacher(moved_teacher_run, ref_stats):
+    run_dir, old, new = moved_teacher_run
+    ckpt_dir = run_dir / "checkpoints"
+    for extra in ([], ["--teacher-steps", "2"]):
+        r = run_cli("fid", str(run_dir), "--ref", str(ref_stats), "--num-samples", "20", "--no-wandb", *extra,
+                    timeout=300)
+        assert r.returncode == 2
+        line = _one_line(r.stderr)
+        assert "teacher-old" in line and "does not exist" in line and "--teacher" in line, line
+        assert not (ckpt_dir / "fid_results.csv").exists()
+    r = run_cli("fid", str(run_dir), "--ref", str(ref_stats), "--num-samples", "20", "--no-wandb", "--teacher",
+                str(new / "missing"), timeout=300)
+    assert r.returncode == 2 and "--teacher" in _one_line(r.stderr) and "missing" in r.stderr
+    r = run_cli("fid", str(run_dir), "--ref", str(ref_stats), "--num-samples", "20", "--no-wandb", "--teacher",
+                str(new), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("fid", str(run_dir), "--ref", str(ref_stats), "--num-samples", "20", "--no-wandb", "--teacher",
+                str(new), "--teacher-steps", "2", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(ckpt_dir / "fid_results.csv")))
+    assert [r["model"] for r in rows] == ["ema-1step", "teacher-2step"]
+    assert rows[1]["path"] == str(new)  # the teacher's row names the folder it was evaluated from
+
+
+def test_features_path_is_used_with_the_runs_digits_features(run_with_eval, digits_shards, tmp_path):
+    """--features-path without --features: the run's eval.features is digits, so the file given is the one used."""
+    import torch
+
+    saved = torch.load(REPO / "data" / "classifiers" / "digits" / "classifier.pt", weights_only=True)
+    first = next(iter(saved["state_dict"]))
+    saved["state_dict"][first] = saved["state_dict"][first] * 1.01  # other weights, another extractor id
+    other = tmp_path / "classifier.pt"
+    torch.save(saved, other)
+    ref = tmp_path / "ref.npz"
+    r = run_cli("stats", "--data", str(digits_shards), "--features-path", str(other), "--out", str(ref),
+                "--max-samples", "200", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "rows.json"
+    r = run_cli("fid", str(run_with_eval / "checkpoints" / "last.ckpt"), "--ref", str(ref), "--num-samples", "20",
+                "--features-path", str(other), "--json", str(out), "--no-wandb", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(ref) as f:
+        assert json.loads(out.read_text())[0]["extractor"] == str(f["extractor_id"]) != "digits-cnn:e93ff327ea53"
+
+
+def test_bench_with_a_digits_checkpoint_and_the_gmm_config_is_one_line(run_with_eval):
+    ckpt = run_with_eval / "checkpoints" / "last.ckpt"
+    r = run_cli("bench", "variance", "--config", "configs/gmm.yaml", "--ckpt", str(ckpt), timeout=300)
+    assert r.returncode == 2
+    line = _one_line(r.stderr)
+    assert "other networks" in line and str(ckpt) in line and len(line) < 400

@@ -55,10 +55,11 @@ def _srun_argv(script: str) -> list[str]:
     return shlex.split(line)
 
 
-def test_dry_run_renders_srun_signal_requeue_and_quoted_overrides(capsys, tmp_path):
+def test_dry_run_renders_srun_signal_requeue_and_quoted_overrides(capsys, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    code, out, err = _submit(capsys, *GMM, f"run.dir={run_dir}", "run.name=it's a run; rm -rf /",
-                             "trainer.max_steps=7", "--ntasks-per-node", "2", "--time", "00:30:00", "--dry-run")
+    args = [*GMM, f"run.dir={run_dir}", "run.name=it's a run; rm -rf /", "trainer.max_steps=7", "--ntasks-per-node",
+            "2", "--time", "00:30:00"]
+    code, out, err = _submit(capsys, *args, "--dry-run")
     assert code == 0, err
     sbatch = [ln for ln in out.splitlines() if ln.startswith("#SBATCH")]
     for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=1",
@@ -73,12 +74,31 @@ def test_dry_run_renders_srun_signal_requeue_and_quoted_overrides(capsys, tmp_pa
     assert argv[0] == "srun"
     i = argv.index("-m")
     assert argv[i:i + 3] == ["-m", "distill", "fit"]
-    assert argv[argv.index("--config") + 1] == str(REPO / "configs/gmm.yaml")
-    # the overrides survive the shell as they were given; the rank layout and the run directory are pinned
-    assert "run.name=it's a run; rm -rf /" in argv
-    assert "trainer.max_steps=7" in argv
-    assert argv[-3:] == ["trainer.devices=2", "trainer.num_nodes=1", f"run.dir={run_dir}"]
+    # the job reads a snapshot of the config in the run directory (--dry-run only names it), then the pinned values
+    snapshot = argv[argv.index("--config") + 1]
+    assert snapshot.startswith(f"{run_dir}/slurm/train-") and snapshot.endswith(".yaml") and snapshot in err
+    assert argv[argv.index("--config") + 2:] == ["trainer.accelerator=cpu", "trainer.devices=2",
+                                                 "trainer.num_nodes=1", f"run.dir={run_dir}"]
     assert not run_dir.exists()  # --dry-run writes nothing
+
+    # submitted (a fake sbatch): the overrides arrive in the snapshot as they were given, quotes and ';' included
+    from distill.config import FitConfig, load_config
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 4242\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    code, out, err = _submit(capsys, *args)
+    assert code == 0, err
+    (script,) = (run_dir / "slurm").glob("train-*.sbatch")
+    argv = _srun_argv(script.read_text())
+    snapshot = Path(argv[argv.index("--config") + 1])
+    assert snapshot.parent == run_dir / "slurm" and snapshot.is_file()
+    cfg = load_config(FitConfig, snapshot, argv[argv.index("--config") + 2:])  # what `distill fit` will run
+    assert cfg.run.name == "it's a run; rm -rf /"
+    assert cfg.trainer.max_steps == 7
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.run.dir) == (2, 1, str(run_dir))
 
 
 def test_dry_run_optional_lines_and_gpu_default(capsys, tmp_path):

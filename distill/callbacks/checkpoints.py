@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-CKPT_PREFIX = "step="
+from distill.runs import CKPT_PREFIX, checkpoint_path, find_resume_checkpoint, list_checkpoints  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -45,24 +45,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                                    f"resume") from None
             raise DistillError(f"cannot write checkpoint {str(path)!r} ({e.strerror}); expected a writable run "
                                f"directory") from None
-
-
-def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
-    return ckpt_dir / f"{CKPT_PREFIX}{step:07d}.ckpt"
-
-
-def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary files of an interrupted write are ignored)."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(p for p in ckpt_dir.glob(f"{CKPT_PREFIX}*.ckpt") if p.is_file())
-
-
-def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint of a run directory, or None."""
-    found = list_checkpoints(Path(run_dir) / "checkpoints")
-    return found[-1] if found else None
 
 
 class StepCheckpoint(L.Callback):
@@ -98,39 +80,77 @@ class StepCheckpoint(L.Callback):
         self._save(trainer, pl_module.step)
 
 
-class RequeueOnSignal(L.Callback):
-    """SLURM preemption: on SIGUSR1 (`#SBATCH --signal=SIGUSR1@90`, or `scancel --signal=USR1 JOB`) every rank
-    finishes its current step, that step's checkpoint is written to checkpoints/ (where `distill fit` resumes from),
-    training stops, and global rank 0 requeues the job; the requeued job resumes with the same step count.
+class StopOnSignal(L.Callback):
+    """Stop at a step boundary with that step's checkpoint on SIGTERM (scancel, a time limit, a wrapper), SIGINT
+    (Ctrl-C) and, under SLURM, SIGUSR1 (`#SBATCH --signal=SIGUSR1@90`, or `scancel --signal=USR1 JOB`): every rank
+    finishes its current step, the checkpoint is written to checkpoints/ (where the run resumes from), training
+    stops. After SIGUSR1 global rank 0 requeues the job, which resumes with the same step count; after SIGTERM or
+    SIGINT the command exits 143 / 130 (distill.train), so a scheduler or wrapper never records success. A second
+    Ctrl-C interrupts at once.
 
-    It replaces Lightning's auto-requeue (the Trainer gets SLURMEnvironment(auto_requeue=False)), whose handler
-    saves hpc_ckpt_N.ckpt from inside the signal handler, in the middle of a step, to a file our resume does not
-    read, and calls a barrier there that deadlocks DDP when the ranks sit in different collectives."""
+    It replaces Lightning's handlers: its SIGTERM handler broadcasts inside the signal handler (a deadlock when the
+    ranks sit in different collectives) and ends the fit with status 0 and no checkpoint; its SLURM auto-requeue
+    saves hpc_ckpt_N.ckpt mid-step to a file our resume does not read (the Trainer gets
+    SLURMEnvironment(auto_requeue=False)). The ranks agree on the stop with one all-reduce of a CPU tensor per
+    step (a gloo group beside NCCL on GPUs), so a step never waits on the GPU for it."""
 
-    def __init__(self, checkpoint: StepCheckpoint, signum: int = signal.SIGUSR1):
+    def __init__(self, checkpoint: StepCheckpoint, requeue: bool = False):
         self.checkpoint = checkpoint
-        self.signum = signum
-        self.received = False  # this rank got the signal
-        self.requested = False  # all ranks stopped for a requeue
+        self.signals = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGUSR1] if requeue else [])
+        self.received = 0  # the signal this rank got (0: none)
+        self.stopped_by: int | None = None  # the signal all ranks stopped for
+        self.requeued = False
+        self._group = None
+        self._previous: dict[int, Any] = {}
         # installed now rather than in setup: during the DDP start-up SIGUSR1's default action would kill us
-        self._previous = signal.signal(signum, self._handle)
+        self._install()
+
+    def _install(self) -> None:
+        for signum in self.signals:
+            previous = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, previous)
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before (also when the fit failed)."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        self.received = True  # only a flag: a collective or a save inside a handler can deadlock
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: do not wait for the step to end
+        self.received = max(self.received, int(signum))  # only a flag: a collective inside a handler can deadlock
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._install()  # Lightning's signal connector replaced our SIGTERM handler when the fit started
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")  # every rank calls this, in the same order
+
+    def _agreed_signal(self, trainer) -> int:
+        import torch.distributed as dist
+
+        if trainer.world_size == 1 or not dist.is_initialized():
+            return self.received
+        flag = torch.tensor([self.received], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return int(flag)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # the ranks get the signal at different moments: agree on the step to stop at (one all-reduce per step)
-        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+        signum = self._agreed_signal(trainer)  # the ranks get the signal at different moments: agree on the step
+        if not signum or pl_module.step >= pl_module.max_steps:  # (finished anyway: nothing to stop)
             return
-        if pl_module.step >= pl_module.max_steps:
-            return  # finished anyway: nothing to requeue for
         self.checkpoint._save(trainer, pl_module.step)
-        self.requested = True
+        self.stopped_by = signum
         trainer.should_stop = True
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        signal.signal(self.signum, self._previous)
-        if not (self.requested and trainer.is_global_zero):
+        self.restore()
+        if self.stopped_by != signal.SIGUSR1:
+            return
+        self.requeued = True
+        if not trainer.is_global_zero:
             return
         from lightning.pytorch.loggers import WandbLogger
 

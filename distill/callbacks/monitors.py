@@ -130,11 +130,10 @@ class GradientVariance(L.Callback):
         from distill.carv import TimestepSampler
 
         m = pl_module
-        x_real, _ = batch
-        N = x_real.shape[0] - x_real.shape[0] % 2
+        N = m.batch_per_device - m.batch_per_device % 2
         seed = np.random.SeedSequence([m.cfg.trainer.seed, m.global_rank, m.step, 2]).generate_state(1)[0]
         rng = torch.Generator(device=m.device).manual_seed(int(seed))
-        z = torch.randn((N, *x_real.shape[1:]), generator=rng, device=m.device)
+        z = torch.randn((N, *m.sample_shape()), generator=rng, device=m.device)
         labels = (torch.randint(0, m.teacher.num_classes, (N,), generator=rng, device=m.device)
                   if m.conditional else None)
         with torch.enable_grad():
@@ -160,13 +159,35 @@ class FIDMonitor(L.Callback):
     them across ranks; the real side is the reference statistics (from `eval.fid_ref`, or computed once at start
     from the training shards or the mixture). Keeps checkpoints/best.ckpt at the best fid/ema."""
 
-    def __init__(self, cfg, ckpt_dir: str | Path):
+    def __init__(self, cfg, ckpt_dir: str | Path, pl_module):
+        """Builds the extractor and the reference statistics now, so that a mismatch (an extractor that does not
+        fit the samples, statistics made with other features) stops the command before the run writes anything."""
+        import math
+
+        from distill import metrics as M
+
         self.cfg = cfg
         self.every = cfg.eval.fid_every_steps
         self.ckpt_dir = Path(ckpt_dir)
         self.best = float("inf")
         self.metrics = None
         self._last = -1
+        e = cfg.eval
+        self.extractor = M.extractor_for(e.features, e.features_path, e.inception_weights,
+                                         num_features=math.prod(pl_module.sample_shape())).eval()
+        if e.fid_ref is not None:
+            self.ref = M.load_stats(e.fid_ref, expected_extractor_id=self.extractor.extractor_id,
+                                    num_features=self.extractor.num_features)
+        elif cfg.teacher.kind == "gmm":
+            x, _ = pl_module.teacher.mixture.sample(10_000, generator=torch.Generator().manual_seed(0))
+            self.ref = M.compute_stats(self.extractor, [x])
+        else:
+            from distill.data import iterate_split
+
+            self.ref = M.compute_stats(self.extractor, iterate_split(cfg.data.path, "train", batch_size=256,
+                                                                     every_rank=True))
+        self.ref_n = int(self.ref["n"])
+        self.extractor_id = self.extractor.extractor_id
 
     def state_dict(self) -> dict:
         return {"best": self.best}
@@ -175,27 +196,11 @@ class FIDMonitor(L.Callback):
         self.best = float(state.get("best", float("inf")))
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        import math
-
         from distill import metrics as M
 
-        e = self.cfg.eval
-        shape = pl_module.sample_shape()
-        extractor = M.extractor_for(e.features, e.features_path, e.inception_weights, num_features=math.prod(shape))
-        extractor = extractor.to(pl_module.device).eval()
-        if e.fid_ref is not None:
-            ref = M.load_stats(e.fid_ref, expected_extractor_id=extractor.extractor_id)
-        elif self.cfg.teacher.kind == "gmm":
-            x, _ = pl_module.teacher.mixture.sample(10_000, generator=torch.Generator().manual_seed(0))
-            ref = M.compute_stats(extractor, [x.to(pl_module.device)])
-        else:
-            from distill.data import iterate_split
-
-            ref = M.compute_stats(extractor, iterate_split(self.cfg.data.path, "train", batch_size=256, every_rank=True))
-        self.ref_n = int(ref["n"])
-        self.metrics = {name: self._metric(M.make_fid_metric(extractor), ref, trainer.global_rank, pl_module.device)
-                        for name in ("ema", "raw_generator")}
-        self.extractor_id = extractor.extractor_id
+        extractor = self.extractor.to(pl_module.device)
+        self.metrics = {name: self._metric(M.make_fid_metric(extractor), self.ref, trainer.global_rank,
+                                           pl_module.device) for name in ("ema", "raw_generator")}
 
     @staticmethod
     def _metric(metric, ref: dict, rank: int, device):

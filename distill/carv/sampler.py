@@ -97,6 +97,7 @@ class TimestepSampler:
         self.n_updates = 0
         self.n_refreshes = 0
         self._pending: tuple[Tensor, Tensor] | None = None  # per-bin (sum of sq_norm, count), on the records' device
+        self.frozen = False  # see freeze()
         self._set_q(q)
 
     # -- tables ------------------------------------------------------------------------------------------------
@@ -177,45 +178,74 @@ class TimestepSampler:
         return t, w_table[t].float()  # ω(t) = p(t)/q(t) (DESIGN §1)
 
     # -- the adaptive proposal ---------------------------------------------------------------------------------
-    def record(self, t: Tensor, sq_norm: Tensor) -> None:
-        """Feed ||g||^2 of the UNWEIGHTED integrand at the draws t (same shape). Used at the next `update()`."""
+    def record(self, t: Tensor, sq_norm: Tensor, taken: Tensor | None = None) -> None:
+        """Feed ||g||^2 of the UNWEIGHTED integrand at the draws t (same shape). Used at the next `update()`.
+        `taken`, a 0-dim bool tensor, masks the whole record on the device (a skipped update feeds nothing) without
+        a host sync; without it, non-finite values are refused."""
         t, sq_norm = t.detach(), sq_norm.detach()
         if t.shape != sq_norm.shape:
             raise ValueError(f"sq_norm: expected the shape of t {tuple(t.shape)}, got {tuple(sq_norm.shape)}")
         dtype = torch.float32 if t.device.type == "mps" else torch.float64  # mps has no float64
         b = self.bin_of(t.flatten())
-        s = torch.zeros(self.bins, device=t.device, dtype=dtype).index_add_(0, b, sq_norm.flatten().to(dtype))
-        c = torch.zeros(self.bins, device=t.device, dtype=dtype).index_add_(0, b, torch.ones(b.numel(), dtype=dtype,
-                                                                                              device=t.device))
+        values = sq_norm.flatten().to(dtype)
+        ones = torch.ones(b.numel(), dtype=dtype, device=t.device)
+        if taken is None:
+            if not torch.isfinite(values).all():  # (a host check: the training step passes `taken` instead)
+                raise ValueError("sq_norm: non-finite values were recorded; the proposal table would be corrupted")
+        else:
+            ones = ones * taken.to(dtype)
+            values = torch.where(ones > 0, values, torch.zeros_like(values))
+        s = torch.zeros(self.bins, device=t.device, dtype=dtype).index_add_(0, b, values)
+        c = torch.zeros(self.bins, device=t.device, dtype=dtype).index_add_(0, b, ones)
         if self._pending is not None:
             s, c = s + self._pending[0].to(s), c + self._pending[1].to(c)
         self._pending = (s, c)
 
+    def reduce_pending(self, reduce) -> None:
+        """Apply `reduce` in place to the pending (sum, count) tables: e.g. an all-reduce over DDP ranks, so that
+        every rank folds the same statistics and holds the same q."""
+        if self._pending is not None:
+            for table in self._pending:
+                reduce(table)
+
     def update(self) -> None:
         """Fold the pending records into the per-bin EMA; rebuild an adaptive q after `warmup` updates and then
-        every `refresh_every` updates. The only place (with load_state_dict) where q changes."""
-        if self._pending is not None:
-            s, c = (x.to("cpu", torch.float64) for x in self._pending)
+        every `refresh_every` updates. The only place (with load_state_dict) where q changes. The fold runs on
+        the records' device with no host sync; only a rebuild of q reads the table on the host."""
+        if self._pending is not None and not self.frozen:
+            s, c = self._pending
             self._pending = None
-            if not torch.isfinite(s).all():
-                raise ValueError("sq_norm: non-finite values were recorded; the proposal table would be corrupted")
-            got = c > 0
-            mean = s[got] / c[got]
-            old = self.m2[got]
-            # EMA per bin (DESIGN §1, form B); a bin's first record initialises it rather than decaying from 0
-            self.m2[got] = torch.where(self.seen[got], self.ema * old + (1 - self.ema) * mean, mean)
-            self.seen |= got
+            if self.m2.device != s.device:
+                self.m2, self.seen = self.m2.to(s.device, s.dtype), self.seen.to(s.device)
+            got = (c > 0) & torch.isfinite(s)
+            mean = s / c.clamp_min(1)
+            # EMA per bin (docs/method.md §6); a bin's first record initialises it rather than decaying from 0
+            folded = torch.where(self.seen, self.ema * self.m2 + (1 - self.ema) * mean, mean)
+            self.m2 = torch.where(got, folded.to(self.m2.dtype), self.m2)
+            self.seen = self.seen | got
+        self._pending = None
+        if self.frozen:
+            return
         self.n_updates += 1
         start = max(self.warmup, 1)
         if self.kind == "adaptive" and self.n_updates >= start and (self.n_updates - start) % self.refresh_every == 0:
             self._set_q(self.build_q())
             self.n_refreshes += 1
 
+    def freeze(self) -> None:
+        """Build q from the table now and keep it: later records and updates change nothing (a benchmark measures
+        at a fixed proposal learnt from pilot draws, never from its own)."""
+        if self.kind == "adaptive":
+            self._set_q(self.build_q())
+        self._pending = None
+        self.frozen = True
+
     def build_q(self) -> Tensor:
         """q = (1 − λ)·q̂ + λ·p with q̂ ∝ p·sqrt(m2) from the current table (DESIGN §1, form B); p if no records."""
-        if not self.seen.any():
+        m2_all, seen = self.m2.to("cpu", torch.float64), self.seen.to("cpu")
+        if not seen.any():
             return self._p.clone()
-        m2 = torch.where(self.seen, self.m2, self.m2[self.seen].mean())  # unrecorded bins: neutral value
+        m2 = torch.where(seen, m2_all, m2_all[seen].mean())  # unrecorded bins: neutral value
         if self.smoothing > 0:  # Gaussian kernel across bins, renormalised at the edges
             i = torch.arange(self.bins, dtype=torch.float64)
             kernel = torch.exp(-0.5 * ((i[:, None] - i[None, :]) / self.smoothing) ** 2)
@@ -231,7 +261,8 @@ class TimestepSampler:
     # -- checkpointing -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         pending = None if self._pending is None else [x.to("cpu", torch.float64) for x in self._pending]
-        return {"p": self._p.clone(), "q": self._q.clone(), "m2": self.m2.clone(), "seen": self.seen.clone(),
+        return {"p": self._p.clone(), "q": self._q.clone(), "m2": self.m2.to("cpu", torch.float64).clone(),
+                "seen": self.seen.to("cpu").clone(),
                 "n_updates": self.n_updates, "n_refreshes": self.n_refreshes, "pending": pending}
 
     def load_state_dict(self, state: dict) -> None:

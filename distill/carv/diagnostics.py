@@ -1,0 +1,63 @@
+"""Measurements the CARV accounting runs on a live model: the exact parameter-space split-half (σ_b², σ_w²) and the
+per-sample / per-draw costs c_u, c_i (docs/method.md §5). Torch only: the caller passes the pieces of its model as
+callables, so these work on any generator, teacher and fake score.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from distill.carv.accounting import split_half
+from distill.carv.measure import count_flops
+from distill.carv.sampler import TimestepSampler
+
+# integrand(x (N, ...), t (N, K), eps (N*K, ...)) -> g (N, K, ...): the per-draw DMD integrand, no grad
+Integrand = Callable[[Tensor, Tensor, Tensor], Tensor]
+# surrogate(x (n, ...), g_bar (n, ...)) -> per-sample losses whose gradient w.r.t. x is g_bar / numel
+Surrogate = Callable[[Tensor, Tensor], Tensor]
+
+
+def split_half_estimate(x: Tensor, params: list[Tensor], integrand: Integrand, surrogate: Surrogate,
+                        sampler: TimestepSampler, Kd: int, generator: torch.Generator) -> tuple[float, float]:
+    """(σ_b², σ_w²) of the parameter gradient by the split-half estimate (docs/method.md §5): halves i of the N
+    samples x (with their graph to `params`), halves A/B of Kd iid draws from `sampler`'s current q, the four
+    parameter gradients G_iA, G_iB by autograd.grad (nothing accumulates in .grad; no state changes)."""
+    N = x.shape[0]
+    t, w = sampler.sample(N, Kd, generator=generator, device=x.device, stratify="none")
+    eps = torch.randn((N * Kd, *x.shape[1:]), generator=generator, device=x.device)
+    with torch.no_grad():
+        y = w.view(*w.shape, *([1] * (x.dim() - 1))) * integrand(x.detach(), t, eps)  # (N, Kd, ...)
+    grads = []
+    for half in (slice(0, N // 2), slice(N // 2, N)):
+        for draws in (slice(0, Kd // 2), slice(Kd // 2, Kd)):
+            loss = surrogate(x[half], y[half, draws].mean(1)).mean()
+            grads.append(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+    flat = [torch.cat([(gr if gr is not None else torch.zeros_like(p)).flatten() for gr, p in zip(G, params)]).double()
+            for G in grads]
+    sigma_b2, sigma_w2 = split_half(*flat, N=N, K=Kd)
+    return float(sigma_b2), float(sigma_w2)
+
+
+def measure_costs(upstream: Callable[[], object], inner: Callable[[], object], n_upstream: int, n_inner: int,
+                  device: torch.device, repeats: int = 3) -> dict[str, float]:
+    """c_u per sample and c_i per draw, as FLOPs (torch.utils.flop_counter: reproducible) and as wall time (the
+    median-free mean of `repeats` calls after one warm-up): {upstream,inner}_{flops,seconds}. `upstream()` runs
+    the generator forward and backward on n_upstream samples; `inner()` one teacher and fake-score evaluation on
+    n_inner draws. A network whose ops the FLOP counter cannot see (a closed-form teacher) counts as 1 FLOP."""
+    out = {}
+    for name, fn, n in (("upstream", upstream, n_upstream), ("inner", inner, n_inner)):
+        out[f"{name}_flops"] = max(count_flops(fn) / n, 1.0)
+        fn()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        out[f"{name}_seconds"] = (time.perf_counter() - t0) / repeats / n
+    return out
