@@ -4,7 +4,7 @@ For each estimator the generator's parameter gradient is estimated R times (fres
 same z across estimators, common random numbers) and summarised by the trace of its covariance across
 replicates, the distance of its mean from the baseline's mean with the standard error of that distance, its
 compute (FLOPs: N (c_u + K c_i)) and wall time, and the effective compute multiplier against the baseline,
-ECM = (Var . Cost)_baseline / (Var . Cost)_method (DESIGN §1). The oracle limit of the reuse family,
+ECM = (Var . Cost)_baseline / (Var . Cost)_method (docs/method.md §5). The oracle limit of the reuse family,
 (σ_b² + σ_w²)(c_u + c_i) / (σ_b sqrt(c_u) + σ_w sqrt(c_i))², comes from the split-half estimates of σ_b², σ_w².
 Nothing here passes or fails: it prints a table and writes JSON.
 """
@@ -149,8 +149,8 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
         z, labels = outer(50_000 + r)
         x = module.generator(z, labels)
         out = module._split_half_diagnostic(x, labels)
-        sb.append(out["carv/sigma_b2"])
-        sw.append(out["carv/sigma_w2"])
+        sb.append(out["carv/sigma_b2_raw"])
+        sw.append(out["carv/sigma_w2_raw"])
     sigma_b2, sigma_w2 = max(sum(sb) / len(sb), 0.0), max(sum(sw) / len(sw), 0.0)
     k_auto = optimal_k(sigma_b2, sigma_w2, c_u, c_i, k_max=cfg.estimator.k_max)
 

@@ -187,7 +187,7 @@ class FakeScoreConfig:
 
 @dataclass
 class EstimatorConfig:
-    """How the DMD expectation over (t, eps) is estimated: CARV (DESIGN §1)."""
+    """How the DMD expectation over (t, eps) is estimated: CARV (docs/method.md §4–§7)."""
 
     K: Any = _f(1, "inner (t, eps) draws per generator sample, an integer >= 1, or auto (chosen from measured "
                    "variance and cost); 1 with uniform/none is the DMD2 baseline")

@@ -254,12 +254,13 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise DistillError(f"{flag} {name!r}: expected cpu, cuda, cuda:N or auto")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DistillError(f"{flag} {name}: no CUDA device here; expected cpu or auto")
-    count = torch.cuda.device_count() if dev.type == "cuda" else 0
-    if dev.index is not None and dev.index >= count:
-        raise DistillError(f"{flag} {name}: this machine has {count} CUDA device(s); expected cuda:0 to "
-                           f"cuda:{count - 1}, cpu or auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DistillError(f"{flag} {name}: no CUDA device here; expected cpu or auto")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise DistillError(f"{flag} {name}: this machine has {count} CUDA device(s); expected cuda:0 to "
+                               f"cuda:{count - 1}, cpu or auto")
     return dev
 
 
@@ -369,7 +370,7 @@ def _protocol(module, ckpt: Path, teacher_steps: int | None, count: int, batch_s
     generator, or the run's teacher with `teacher_steps` DDIM steps at the run's guidance scale."""
     cfg, shape = module.cfg, module.sample_shape()
     if teacher_steps is not None:
-        protocol = {"path": str(cfg.teacher.path if cfg.teacher.kind == "diffusers" else "gmm"),
+        protocol = {"path": os.path.abspath(cfg.teacher.path) if cfg.teacher.kind == "diffusers" else "gmm",
                     "model": f"teacher-{teacher_steps}step", "teacher_steps": teacher_steps,
                     "guidance": cfg.teacher.guidance_scale}
         return protocol, teacher_batches(module.teacher, shape, count, batch_size, teacher_steps,

@@ -16,7 +16,7 @@ def _sample_dims(x: Tensor) -> tuple[int, ...]:
 
 
 def dmd_grad(x: Tensor, mu_real: Tensor, mu_fake: Tensor) -> Tensor:
-    """Per-draw DMD integrand g = (mu_fake - mu_real) / mean_{c,h,w} |x - mu_real|   (DESIGN §1).
+    """Per-draw DMD integrand g = (mu_fake - mu_real) / mean_{c,h,w} |x - mu_real|   (docs/method.md §3).
 
     x, mu_real, mu_fake: (B, ...) with the first axis indexing draws. The normaliser is per draw; pooling it over
     draws would change the objective. The DMD paper's eq. 7 carries an extra alpha_t factor that the DMD2 code

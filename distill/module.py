@@ -1,4 +1,4 @@
-"""The DMD LightningModule (DMD2 reference form, DESIGN §1): manual optimisation, two time scales, EMA, and the
+"""The DMD LightningModule (DMD2 reference form, docs/method.md §3–§4): manual optimisation, two time scales, EMA, and the
 CARV hierarchical estimator of the DMD expectation over (t, eps).
 
 `training_step` reads like the algorithm:
@@ -309,15 +309,19 @@ class DMDModule(L.LightningModule):
         sigma_b2, sigma_w2 = self.split_half_estimate(x, labels, self.sampler, self.cfg.estimator.diagnostic_K, rng)
         sigma_b2, sigma_w2 = all_mean([sigma_b2, sigma_w2])  # every rank folds the same figures: the same K
         self.k_control.observe(sigma_b2, sigma_w2)
-        out = {"carv/sigma_b2": sigma_b2, "carv/sigma_w2": sigma_w2}
-        if self.costs and self.k_control.sigma_b2 is not None:
+        # raw: this diagnostic's unbiased estimates (σ̂_b² is a difference and can go negative from noise);
+        # sigma_b2 / sigma_w2: the EMA-smoothed figures K auto works from, clamped at 0
+        out = {"carv/sigma_b2_raw": sigma_b2, "carv/sigma_w2_raw": sigma_w2}
+        if self.k_control.sigma_b2 is not None:
             sb2, sw2 = max(self.k_control.sigma_b2, 0.0), max(self.k_control.sigma_w2, 0.0)
-            c_u, c_i = self._cost_pair()
-            K = self.k_control.K
-            out["carv/k_star"] = min(k_star(sb2, sw2, c_u, c_i), 4096.0)  # inf when σ_b² <= 0
-            # reuse at the current K against K = 1 (same proposal), per unit of compute (DESIGN §1, ECM)
-            out["carv/ecm"] = ecm(sb2 + sw2, c_u + c_i, sb2 + sw2 / K, c_u + K * c_i)
-            out["carv/ecm_oracle"] = ecm_oracle(sb2, sw2, c_u, c_i)
+            out["carv/sigma_b2"], out["carv/sigma_w2"] = sb2, sw2
+            if self.costs:
+                c_u, c_i = self._cost_pair()
+                K = self.k_control.K
+                out["carv/k_star"] = min(max(k_star(sb2, sw2, c_u, c_i), 1.0), float(self.k_control.k_max))
+                # reuse at the current K against K = 1 (same proposal), per unit of compute (docs/method.md §5, ECM)
+                out["carv/ecm"] = ecm(sb2 + sw2, c_u + c_i, sb2 + sw2 / K, c_u + K * c_i)
+                out["carv/ecm_oracle"] = ecm_oracle(sb2, sw2, c_u, c_i)
         return out
 
     @torch.no_grad()

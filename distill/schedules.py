@@ -1,4 +1,4 @@
-"""Discrete-index noise schedules (alpha_t, sigma_t) and the eps / v / x0 conversions (DESIGN §1).
+"""Discrete-index noise schedules (alpha_t, sigma_t) and the eps / v / x0 conversions (docs/method.md §1).
 
 x_t = alpha_t * x0 + sigma_t * eps, t in {0..T-1}, noise increasing with t.
   VP (DDPM):  alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), abar from the diffusers scheduler.

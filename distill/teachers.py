@@ -1,4 +1,4 @@
-"""One interface for every network: the x0-predictor D(x_t, t, labels) (DESIGN §1, STYLE "one interface").
+"""One interface for every network: the x0-predictor D(x_t, t, labels) (docs/method.md §1).
 
 - `Denoiser` wraps a raw network (a diffusers UNet2DModel or a small MLP) and its schedule, converts eps-, v- or
   x0-predictions to x0 in float32 and applies classifier-free guidance in one batched call.
@@ -199,7 +199,7 @@ class GaussianMixtureDenoiser(nn.Module):
 
 
 class OneStepGenerator(nn.Module):
-    """G(z) = D_theta(x_init(z), t_init): x_init = sigma_{t_init} z for EDM, z for VP (DESIGN §1)."""
+    """G(z) = D_theta(x_init(z), t_init): x_init = sigma_{t_init} z for EDM, z for VP (docs/method.md §2)."""
 
     def __init__(self, denoiser: Denoiser, t_init: int | None = None):
         from distill.errors import ConfigError

@@ -36,9 +36,10 @@ from typing import Any
 from distill.errors import DistillError
 
 # keys that do not change what is computed: a resumed run takes new values freely (and records them)
-FREE_KEYS = ("run.name", "trainer.max_steps", "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
-             "trainer.log_every_steps", "trainer.max_nonfinite", "data.num_workers", "logging.", "eval.", "out",
-             "sample_steps", "sample_guidance_scale")
+FREE_KEYS = ("run.", "trainer.max_steps", "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
+             "trainer.log_every_steps", "trainer.max_nonfinite", "trainer.accelerator", "trainer.strategy",
+             "trainer.deterministic", "data.num_workers", "logging.", "eval.", "out", "sample_steps",
+             "sample_guidance_scale")
 # file-system paths: resolved to absolute paths when a run starts
 PATH_KEYS = ("teacher.path", "data.path", "eval.fid_ref", "eval.features_path", "eval.inception_weights", "out")
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
@@ -69,6 +70,7 @@ def fit(cfg, allow_changes: tuple[str, ...] | list[str] = ()) -> RunResult:
 
     cfg, given = resolve_paths(cfg)
     run_dir = check_run_dir(cfg.run.dir)
+    check_wandb(cfg)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = DMDModule(cfg)  # loads the teacher: a bad folder fails here, before anything is written
     plan = plan_resume(run_dir, cfg, allow_changes, module)
@@ -101,8 +103,10 @@ def train_teacher(cfg, allow_changes: tuple[str, ...] | list[str] = (), overwrit
         cfg = replace(cfg, out=str(Path(cfg.run.dir) / "teacher"))
     cfg, given = resolve_paths(cfg)
     run_dir = check_run_dir(cfg.run.dir)
+    check_wandb(cfg)
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    own = out.resolve().is_relative_to(Path(cfg.run.dir).resolve())  # the run's own output: a resume replaces it
+    if out.exists() and any(out.iterdir()) and not (overwrite or own):
         raise DistillError(f"teacher output folder {str(out)!r} already holds files; expected a new folder (set "
                            f"out=... or leave it empty for <run.dir>/teacher), or pass --overwrite to replace it")
     meta = read_meta(cfg.data.path)
@@ -403,10 +407,6 @@ def wandb_logger(cfg, run_dir: Path):
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    if cfg.logging.wandb == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
-        raise DistillError("logging.wandb=online needs a W&B API key (set WANDB_API_KEY or run `wandb login`); "
-                           "expected a key, or logging.wandb=offline (files in the run directory, "
-                           "`wandb sync` later)")
     id_file = run_dir / "wandb_id.txt"
     if id_file.is_file():
         run_id = id_file.read_text().strip()
@@ -418,6 +418,14 @@ def wandb_logger(cfg, run_dir: Path):
     run = wandb.init(project=cfg.logging.project, name=cfg.run.name or run_dir.name, id=run_id, dir=str(run_dir),
                      mode=cfg.logging.wandb, resume="allow")
     return WandbLogger(experiment=run, log_model=False)
+
+
+def check_wandb(cfg) -> None:
+    """logging.wandb=online without a key would fail inside wandb after the run directory was written."""
+    if cfg.logging.wandb == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
+        raise DistillError("logging.wandb=online needs a W&B API key (set WANDB_API_KEY or run `wandb login`); "
+                           "expected a key, or logging.wandb=offline (files in the run directory, "
+                           "`wandb sync` later)")
 
 
 def _wandb_logged_in() -> bool:

@@ -1,4 +1,4 @@
-"""distill.carv accounting (DESIGN §1): ANOVA and split-half estimates of σ_b², σ_w² on synthetic nested problems
+"""distill.carv accounting (docs/method.md §5): ANOVA and split-half estimates of σ_b², σ_w² on synthetic nested problems
 with known truth, the variance formula, K* against brute force, the ECM oracle, and the cost meters.
 
 Statistical tests use fixed seeds and 4 standard errors estimated from the replicates."""

@@ -112,11 +112,14 @@ def test_k_controller_follows_variance_and_cost():
     c.observe(sigma_b2=1.0, sigma_w2=0.01)  # variance is not in the inner draws
     assert c.choose(N=64, c_u=1.0, c_i=1.0) == 1
     c = KController(K=1, auto=True, k_max=32)
-    c.observe(sigma_b2=1.0, sigma_w2=100.0)  # K* = sqrt(100 * 4 / 1) = 20
-    assert c.choose(N=64, c_u=4.0, c_i=1.0) == 20
+    c.observe(sigma_b2=1.0, sigma_w2=100.0)  # K* = sqrt(100 * 4 / 1) = 20, reached at most doubling per choice
+    assert [c.choose(N=64, c_u=4.0, c_i=1.0) for _ in range(6)] == [2, 4, 8, 16, 20, 20]
+    c.observe(sigma_b2=1e6, sigma_w2=1e-6)  # the inner draws stop mattering: K comes down, halving at most
+    c.sigma_b2, c.sigma_w2 = 1e6, 1e-6
+    assert [c.choose(N=64, c_u=4.0, c_i=1.0) for _ in range(6)] == [10, 5, 3, 2, 1, 1]
     c = KController(K=1, auto=True, k_max=32, max_draws=640)  # memory bound: N K <= 640
     c.observe(1.0, 100.0)
-    assert c.choose(N=64, c_u=4.0, c_i=1.0) == 10
+    assert [c.choose(N=64, c_u=4.0, c_i=1.0) for _ in range(5)] == [2, 4, 8, 10, 10]
     fixed = KController(K=4, auto=False, k_max=32)
     fixed.observe(1.0, 1e6)
     assert fixed.choose(64, 1.0, 1.0) == 4
@@ -132,6 +135,10 @@ def test_split_half_diagnostic_leaves_training_untouched_and_measures_variance()
     assert all(p.grad is None for p in m.generator.parameters())  # autograd.grad, not .backward
     assert all(torch.equal(a, b) for a, b in zip(before, m.generator.parameters()))
     assert out["carv/sigma_w2"] > 0 and {"carv/k_star", "carv/ecm", "carv/ecm_oracle"} <= out.keys()
+    # logged figures read as what they are: the raw estimates as measured, the smoothed ones clamped at 0, and
+    # k_star inside the range K auto can choose from
+    assert out["carv/sigma_w2_raw"] == out["carv/sigma_w2"] and out["carv/sigma_b2"] >= 0
+    assert 1 <= out["carv/k_star"] <= m.cfg.estimator.k_max
     assert out["carv/ecm_oracle"] >= 1.0
 
 

@@ -307,7 +307,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes(tmp_path):
     resumed = re.findall(r"resuming from \S+step=(\d+)\.ckpt", text)
     assert resumed and {int(r) for r in resumed} == {int(stopped.group(1))}, _log_tail(log)  # from that step
     assert 0 < int(stopped.group(1)) < max_steps
-    assert f"done: {max_steps} steps" in text
+    assert f"(now at step {max_steps})" in text  # "done: N steps in ... (now at step max_steps)"
     # every logged step exactly once: nothing lost, nothing repeated across the requeue
     assert _steps(run_dir) == list(range(LOG_EVERY, max_steps + 1, LOG_EVERY))
     assert (run_dir / "checkpoints" / "last.ckpt").resolve().name == f"step={max_steps:07d}.ckpt"

@@ -1,4 +1,4 @@
-"""Lightning callbacks and loggers (DESIGN §2): checkpoints and preemption, monitors that observe, the CSV logger."""
+"""Lightning callbacks and loggers: checkpoints and preemption, monitors that observe, the CSV logger."""
 
 from distill.callbacks.checkpoints import (CKPT_PREFIX, AtomicCheckpointIO, StopOnSignal, StepCheckpoint,
                                            checkpoint_path, find_resume_checkpoint, list_checkpoints)

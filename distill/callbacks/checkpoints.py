@@ -121,8 +121,10 @@ class StopOnSignal(L.Callback):
             raise KeyboardInterrupt  # a second Ctrl-C: do not wait for the step to end
         self.received = max(self.received, int(signum))  # only a flag: a collective inside a handler can deadlock
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._install()  # Lightning's signal connector replaced our SIGTERM handler after on_fit_start
+
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._install()  # Lightning's signal connector replaced our SIGTERM handler when the fit started
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":

@@ -94,7 +94,7 @@ class ProposalPlot(L.Callback):
         from distill.plots import proposal_image
 
         s = pl_module.sampler
-        image = proposal_image(s.p, s.q, s.m2, s.seen, s.lo, s.hi,
+        image = proposal_image(s.p, s.q, s.m2.cpu(), s.seen.cpu(), s.lo, s.hi,  # (the table may be on the GPU)
                                title=f"timestep proposal ({s.kind}, {s.stratify}), step {step}")
         self._last = step
         _publish(trainer, image, self.plots_dir / f"proposal_step_{step:07d}.png", "carv/proposal", step)
@@ -109,7 +109,7 @@ class ProposalPlot(L.Callback):
 
 class GradientVariance(L.Callback):
     """variance/*: the parameter-space trace variance of the configured estimator and of the DMD2 baseline at equal
-    compute, from split-half estimates on the callback's own noise (DESIGN §1):
+    compute, from split-half estimates on the callback's own noise (docs/method.md §5):
 
         Var_method   = σ_b²/N + σ_w²(q)/(N K)                   (iid draws from the current proposal q)
         Var_baseline = (σ_b² + σ_w²(p)) / N',  N' = N (c_u + K c_i) / (c_u + c_i)   (K = 1, q = p, same compute)

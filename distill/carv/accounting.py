@@ -1,4 +1,4 @@
-"""Variance and compute accounting for the CARV estimator (DESIGN §1, "Variance and cost" and "Online estimates").
+"""Variance and compute accounting for the CARV estimator (docs/method.md §5, "Variance and cost" and "Online estimates").
 
 σ_b²: variance across outer samples of the per-sample mean E[g | x_n] (trace); σ_w²: mean within-sample variance
 of one inner draw (trace). With N outer samples and K inner draws, Var(Ĝ) = σ_b²/N + σ_w²/(N·K).
@@ -28,9 +28,9 @@ def anova(y: Tensor) -> tuple[Tensor, Tensor]:
     N, K = y.shape[:2]
     y = y.detach().reshape(N, K, -1).double()  # (N, K, D)
     y_n = y.mean(1)  # (N, D)
-    s_w2 = ((y - y_n[:, None]) ** 2).sum() / (N * (K - 1))  # s_w² = ΣΣ‖y_nk − ȳ_n‖²/(N(K−1)) (DESIGN §1)
+    s_w2 = ((y - y_n[:, None]) ** 2).sum() / (N * (K - 1))  # s_w² = ΣΣ‖y_nk − ȳ_n‖²/(N(K−1)) (docs/method.md §5)
     s_m2 = ((y_n - y_n.mean(0)) ** 2).sum() / (N - 1)  # s_m² = Σ‖ȳ_n − ȳ‖²/(N−1), mean σ_b² + σ_w²/K
-    return s_m2 - s_w2 / K, s_w2  # σ̂_b² = s_m² − s_w²/K (DESIGN §1)
+    return s_m2 - s_w2 / K, s_w2  # σ̂_b² = s_m² − s_w²/K (docs/method.md §5)
 
 
 def _flat(G) -> Tensor:
@@ -40,7 +40,7 @@ def _flat(G) -> Tensor:
 
 
 def split_half(G1A, G1B, G2A, G2B, N: int, K: int) -> tuple[Tensor, Tensor]:
-    """Exact parameter-space (σ̂_b², σ̂_w²) from four half-batch gradients (DESIGN §1), float64 0-d tensors.
+    """Exact parameter-space (σ̂_b², σ̂_w²) from four half-batch gradients (docs/method.md §5), float64 0-d tensors.
 
     G_iA: the estimator's gradient (mean-normalised like the full one) from the N/2 samples of half i and the K/2
     draws of half A; each a flat tensor or a list of tensors (parameter gradients, same order in all four).
@@ -52,20 +52,20 @@ def split_half(G1A, G1B, G2A, G2B, N: int, K: int) -> tuple[Tensor, Tensor]:
     g1a, g1b, g2a, g2b = (_flat(G) for G in (G1A, G1B, G2A, G2B))
     if not g1a.shape == g1b.shape == g2a.shape == g2b.shape:
         raise ValueError("G1A, G1B, G2A, G2B: expected the same number of entries in all four")
-    # Var(G_iA − G_iB) = 8σ_w²/(NK): σ̂_w² = (NK/8)·½Σ_i‖G_iA − G_iB‖² (DESIGN §1)
+    # Var(G_iA − G_iB) = 8σ_w²/(NK): σ̂_w² = (NK/8)·½Σ_i‖G_iA − G_iB‖² (docs/method.md §5)
     sigma_w2 = (N * K / 8) * 0.5 * (((g1a - g1b) ** 2).sum() + ((g2a - g2b) ** 2).sum())
-    # Var(Ĝ_1 − Ĝ_2) = 4σ_b²/N + 4σ_w²/(NK): σ̂_b² = (N/4)‖Ĝ_1 − Ĝ_2‖² − σ̂_w²/K (DESIGN §1)
+    # Var(Ĝ_1 − Ĝ_2) = 4σ_b²/N + 4σ_w²/(NK): σ̂_b² = (N/4)‖Ĝ_1 − Ĝ_2‖² − σ̂_w²/K (docs/method.md §5)
     sigma_b2 = (N / 4) * ((0.5 * (g1a + g1b) - 0.5 * (g2a + g2b)) ** 2).sum() - sigma_w2 / K
     return sigma_b2, sigma_w2
 
 
 def variance(sigma_b2: float, sigma_w2: float, N: int, K: int) -> float:
-    """Var(Ĝ) = σ_b²/N + σ_w²/(N·K) (DESIGN §1)."""
+    """Var(Ĝ) = σ_b²/N + σ_w²/(N·K) (docs/method.md §5)."""
     return float(sigma_b2) / N + float(sigma_w2) / (N * K)
 
 
 def cost(N: int, K: int, c_u: float, c_i: float) -> float:
-    """cost = N·(c_u + K·c_i) (DESIGN §1)."""
+    """cost = N·(c_u + K·c_i) (docs/method.md §5)."""
     return N * (float(c_u) + K * float(c_i))
 
 
@@ -77,14 +77,14 @@ def _check_costs(c_u, c_i) -> tuple[float, float]:
 
 
 def k_star(sigma_b2: float, sigma_w2: float, c_u: float, c_i: float) -> float:
-    """Continuous K* = sqrt(σ_w²·c_u / (σ_b²·c_i)) (DESIGN §1); 0 when σ_w² <= 0, else inf when σ_b² <= 0 or c_i = 0."""
+    """Continuous K* = sqrt(σ_w²·c_u / (σ_b²·c_i)) (docs/method.md §5); 0 when σ_w² <= 0, else inf when σ_b² <= 0 or c_i = 0."""
     sigma_b2, sigma_w2 = float(sigma_b2), float(sigma_w2)
     c_u, c_i = _check_costs(c_u, c_i)
     if sigma_w2 <= 0:
         return 0.0
     if sigma_b2 <= 0 or c_i == 0:
         return math.inf
-    return math.sqrt(sigma_w2 * c_u / (sigma_b2 * c_i))  # K* (DESIGN §1)
+    return math.sqrt(sigma_w2 * c_u / (sigma_b2 * c_i))  # K* (docs/method.md §5)
 
 
 def _vc(sigma_b2: float, sigma_w2: float, c_u: float, c_i: float, K: int) -> float:
@@ -92,7 +92,7 @@ def _vc(sigma_b2: float, sigma_w2: float, c_u: float, c_i: float, K: int) -> flo
 
 
 def optimal_k(sigma_b2: float, sigma_w2: float, c_u: float, c_i: float, k_max: int | None = None) -> int:
-    """The integer K in [1, k_max] minimising (σ_b² + σ_w²/K)(c_u + K·c_i), i.e. Var·Cost (DESIGN §1).
+    """The integer K in [1, k_max] minimising (σ_b² + σ_w²/K)(c_u + K·c_i), i.e. Var·Cost (docs/method.md §5).
 
     The objective is convex in K, so the answer is floor or ceil of K*; ties go to the smaller (cheaper) K.
     σ_w² <= 0 gives 1; when Var·Cost keeps falling with K (σ_b² <= 0 < σ_w², or c_i = 0) the answer is k_max, or
@@ -114,17 +114,17 @@ def optimal_k(sigma_b2: float, sigma_w2: float, c_u: float, c_i: float, k_max: i
 
 
 def ecm(var_base: float, cost_base: float, var_method: float, cost_method: float) -> float:
-    """Effective compute multiplier ECM = (Var·Cost)_baseline / (Var·Cost)_method (DESIGN §1)."""
+    """Effective compute multiplier ECM = (Var·Cost)_baseline / (Var·Cost)_method (docs/method.md §5)."""
     return float(var_base) * float(cost_base) / (float(var_method) * float(cost_method))
 
 
 def ecm_oracle(sigma_b2: float, sigma_w2: float, c_u: float, c_i: float) -> float:
     """(σ_b² + σ_w²)(c_u + c_i) / (σ_b·sqrt(c_u) + σ_w·sqrt(c_i))²: the best ECM of the family against K = 1 at the
-    continuous K* (DESIGN §1, (V·C)_min). >= 1 by Cauchy–Schwarz; 1 + c_u/c_i when σ_b² = 0."""
+    continuous K* (docs/method.md §5, (V·C)_min). >= 1 by Cauchy–Schwarz; 1 + c_u/c_i when σ_b² = 0."""
     sigma_b2, sigma_w2 = float(sigma_b2), float(sigma_w2)
     if sigma_b2 < 0 or sigma_w2 < 0 or sigma_b2 + sigma_w2 == 0:
         raise ValueError(f"sigma_b2, sigma_w2: expected >= 0 and not both 0 (clamp noisy estimates at 0 first), "
                          f"got {sigma_b2!r}, {sigma_w2!r}")
     c_u, c_i = _check_costs(c_u, c_i)
-    vc_min = (math.sqrt(sigma_b2 * c_u) + math.sqrt(sigma_w2 * c_i)) ** 2  # (V·C)_min (DESIGN §1)
+    vc_min = (math.sqrt(sigma_b2 * c_u) + math.sqrt(sigma_w2 * c_i)) ** 2  # (V·C)_min (docs/method.md §5)
     return (sigma_b2 + sigma_w2) * (c_u + c_i) / vc_min

@@ -1,4 +1,4 @@
-"""Choosing K from measured variance and cost (DESIGN §1): K* = sqrt(σ_w² c_u / (σ_b² c_i)), as the integer
+"""Choosing K from measured variance and cost (docs/method.md §5): K* = sqrt(σ_w² c_u / (σ_b² c_i)), as the integer
 argmin of variance x cost, from EMA-smoothed estimates, clamped to [1, k_max] and a memory bound."""
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from torch import Tensor
 from distill.carv.accounting import optimal_k
 
 
+MAX_STEP = 2  # K auto changes K by at most this factor per choice
+
+
 def weighted_mean(y: Tensor, w: Tensor) -> Tensor:
-    """ḡ_n = (1/K) Σ_k ω(t_nk) · y_nk for y (N, K, ...) and w (N, K): the hierarchical estimate (DESIGN §1)."""
+    """ḡ_n = (1/K) Σ_k ω(t_nk) · y_nk for y (N, K, ...) and w (N, K): the hierarchical estimate (docs/method.md §4)."""
     w = w.to(y.dtype).view(*w.shape, *([1] * (y.dim() - 2)))
     return (w * y).mean(dim=1)
 
@@ -41,13 +44,16 @@ class KController:
         self.n_observed += 1
 
     def choose(self, N: int, c_u: float, c_i: float) -> int:
-        """The integer K minimising (σ_b² + σ_w²/K)(c_u + K c_i), clamped to [1, k_max] and N·K <= max_draws."""
+        """The integer K minimising (σ_b² + σ_w²/K)(c_u + K c_i), clamped to [1, k_max] and N·K <= max_draws, and
+        moved at most a factor of 2 per choice (MAX_STEP): early estimates are noisy, and one of them must not send
+        K from 1 to k_max at once."""
         if not self.auto or self.sigma_b2 is None:
             return self.K
         k_max = self.k_max
         if self.max_draws:
             k_max = max(1, min(k_max, self.max_draws // max(N, 1)))
-        self.K = optimal_k(max(self.sigma_b2, 0.0), max(self.sigma_w2, 0.0), c_u, c_i, k_max=k_max)
+        target = optimal_k(max(self.sigma_b2, 0.0), max(self.sigma_w2, 0.0), c_u, c_i, k_max=k_max)
+        self.K = min(max(target, math.ceil(self.K / MAX_STEP)), self.K * MAX_STEP, k_max)
         return self.K
 
     def state_dict(self) -> dict:

@@ -45,7 +45,7 @@ def split_half_estimate(x: Tensor, params: list[Tensor], integrand: Integrand, s
 def measure_costs(upstream: Callable[[], object], inner: Callable[[], object], n_upstream: int, n_inner: int,
                   device: torch.device, repeats: int = 3) -> dict[str, float]:
     """c_u per sample and c_i per draw, as FLOPs (torch.utils.flop_counter: reproducible) and as wall time (the
-    median-free mean of `repeats` calls after one warm-up): {upstream,inner}_{flops,seconds}. `upstream()` runs
+    mean of `repeats` calls after one warm-up): {upstream,inner}_{flops,seconds}. `upstream()` runs
     the generator forward and backward on n_upstream samples; `inner()` one teacher and fake-score evaluation on
     n_inner draws. A network whose ops the FLOP counter cannot see (a closed-form teacher) counts as 1 FLOP."""
     out = {}

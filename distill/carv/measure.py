@@ -1,4 +1,4 @@
-"""Measured costs c_u (generator forward + its backward) and c_i (one inner draw) for the accounting (DESIGN §1:
+"""Measured costs c_u (generator forward + its backward) and c_i (one inner draw) for the accounting (docs/method.md §5:
 "measured FLOPs (torch.utils.flop_counter) for reproducible accounting, wall time for reality")."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Timestep draws for the CARV estimator (DESIGN §1, "Timestep importance sampling" and "Stratified inverse CDF").
+"""Timestep draws for the CARV estimator (docs/method.md §6, "Timestep importance sampling" and "Stratified inverse CDF").
 
 One object holds the base distribution p over the discrete indices {0..T-1}, the proposal q, and the binned
 second-moment table that the adaptive proposal is built from. `sample(N, K)` returns indices t ~ q (iid or
@@ -38,7 +38,7 @@ def _probabilities(x, name: str, size: int | None = None) -> Tensor:
 
 
 class TimestepSampler:
-    """Draws (t, w) with t ~ q on {0..T-1} and w = p(t)/q(t)   (DESIGN §1, ω(t) = p(t)/q(t)).
+    """Draws (t, w) with t ~ q on {0..T-1} and w = p(t)/q(t)   (docs/method.md §6, ω(t) = p(t)/q(t)).
 
     p:          (T,) base probabilities (DMD: uniform over the integer indices [0.02T, 0.98T], zero elsewhere).
     proposal:   "uniform" (q = p), "adaptive" (learned from `record`/`update`), or a (T,) tensor q, the static
@@ -48,7 +48,7 @@ class TimestepSampler:
                 global batch, rank r takes its own slice). For "global" the generator passed to `sample` must have
                 the SAME state on every rank (e.g. seeded by the step), and should be used for nothing else that
                 must differ across ranks; every rank draws the same numbers and keeps its slice.
-    bins, ema, smoothing, floor, mix, warmup, refresh_every: the adaptive proposal (DESIGN §1, form B): `bins`
+    bins, ema, smoothing, floor, mix, warmup, refresh_every: the adaptive proposal (docs/method.md §6, form B): `bins`
                 equal-width bins over the support of p; per-bin EMA of the second moment with weight `ema` on the
                 old value; Gaussian smoothing across bins with std `smoothing` bins (0: none); floor at
                 `floor` * max; defensive mixture with weight `mix` on p, so w <= 1/mix; q is rebuilt after
@@ -136,7 +136,7 @@ class TimestepSampler:
 
     # -- drawing -----------------------------------------------------------------------------------------------
     def _uniforms(self, N: int, K: int, generator, device, rank: int, world_size: int, stratify: str) -> Tensor:
-        """u in [0, 1), (N, K), float64; stratified as DESIGN §1 "Stratified inverse CDF": u = (k + U_k)/M."""
+        """u in [0, 1), (N, K), float64; stratified as docs/method.md §7 "Stratified inverse CDF": u = (k + U_k)/M."""
         kw = dict(generator=generator, device=device, dtype=torch.float64)
         if stratify == "none":
             return torch.rand(N, K, **kw)
@@ -168,14 +168,14 @@ class TimestepSampler:
                              f"world_size={world_size!r}")
         device = torch.device(device) if device is not None else (
             generator.device if generator is not None else torch.device("cpu"))
-        if self._randint and stratify == "none":  # the DMD2 reference draw, number for number (DESIGN §1, "t uniform over [0.02T, 0.98T]")
+        if self._randint and stratify == "none":  # the DMD2 reference draw, number for number (docs/method.md §3, "t uniform over [0.02T, 0.98T]")
             t = torch.randint(self.lo, self.hi + 1, (N, K), generator=generator, device=device)
             return t, torch.ones(N, K, device=device)
         idx, cdf, w_table = self._tables(device)
         u = self._uniforms(N, K, generator, device, rank, world_size, stratify)
         pos = torch.searchsorted(cdf, u.flatten(), right=True).clamp_(max=idx.numel() - 1)
-        t = idx[pos].view(N, K)  # t = F_q^{-1}(u) on the discrete support (DESIGN §1)
-        return t, w_table[t].float()  # ω(t) = p(t)/q(t) (DESIGN §1)
+        t = idx[pos].view(N, K)  # t = F_q^{-1}(u) on the discrete support (docs/method.md §7)
+        return t, w_table[t].float()  # ω(t) = p(t)/q(t) (docs/method.md §6)
 
     # -- the adaptive proposal ---------------------------------------------------------------------------------
     def record(self, t: Tensor, sq_norm: Tensor, taken: Tensor | None = None) -> None:
@@ -241,7 +241,7 @@ class TimestepSampler:
         self.frozen = True
 
     def build_q(self) -> Tensor:
-        """q = (1 − λ)·q̂ + λ·p with q̂ ∝ p·sqrt(m2) from the current table (DESIGN §1, form B); p if no records."""
+        """q = (1 − λ)·q̂ + λ·p with q̂ ∝ p·sqrt(m2) from the current table (docs/method.md §6, form B); p if no records."""
         m2_all, seen = self.m2.to("cpu", torch.float64), self.seen.to("cpu")
         if not seen.any():
             return self._p.clone()
@@ -254,9 +254,9 @@ class TimestepSampler:
             return self._p.clone()
         m2 = m2.clamp_min(self.floor * m2.max())  # floor at a fraction of the max
         b = self.bin_of(torch.arange(self._p.numel()))
-        q_hat = self._p * m2[b].sqrt()  # q*(t) ∝ p(t)·sqrt(E||g(·, t, ·)||²) (DESIGN §1)
+        q_hat = self._p * m2[b].sqrt()  # q*(t) ∝ p(t)·sqrt(E||g(·, t, ·)||²) (docs/method.md §6)
         q_hat = q_hat / q_hat.sum()
-        return (1 - self.mix) * q_hat + self.mix * self._p  # q = (1−λ)·q̂ + λ·p, so ω ≤ 1/λ (DESIGN §1)
+        return (1 - self.mix) * q_hat + self.mix * self._p  # q = (1−λ)·q̂ + λ·p, so ω ≤ 1/λ (docs/method.md §6)
 
     # -- checkpointing -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -286,7 +286,7 @@ class TimestepSampler:
 
 
 def dmd_timestep_p(T: int, t_min: float = 0.02, t_max: float = 0.98) -> Tensor:
-    """p uniform over the integer indices [int(t_min·T), min(int(t_max·T), T−1)] (DESIGN §1, DMD2 reference)."""
+    """p uniform over the integer indices [int(t_min·T), min(int(t_max·T), T−1)] (docs/method.md §3, DMD2 reference)."""
     if not (isinstance(T, int) and T >= 1 and 0.0 <= t_min <= t_max <= 1.0):
         raise ValueError(f"T, t_min, t_max: expected T >= 1 and 0 <= t_min <= t_max <= 1, got {T}, {t_min}, {t_max}")
     lo, hi = int(t_min * T), min(int(t_max * T), T - 1)
