@@ -32,33 +32,36 @@ def balanced_labels(n: int, num_classes: int | None, device) -> Tensor | None:
     return torch.arange(n, device=device) % num_classes
 
 
-@torch.no_grad()
-def generator_batches(generator: torch.nn.Module, shape: tuple[int, ...], num_classes: int | None, n: int,
-                      batch_size: int, seed: int, device, start: int = 0) -> Iterator[Tensor]:
-    """n one-step samples in batches, noise seeded by (seed, sample index): any split across ranks gives the same
-    set. `start` is the index of the first sample (a rank's share starts there)."""
+def protocol_inputs(shape: tuple[int, ...], num_classes: int | None, n: int, batch_size: int, seed: int, device,
+                    start: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """(z, labels) for samples start .. start + n - 1 in batches: noise seeded by (seed, sample index) and balanced
+    labels by index, so any split across ranks gives the same set (the evaluation protocol)."""
     for s in range(start, start + n, batch_size):
         b = min(batch_size, start + n - s)
         z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
                          for i in range(s, s + b)]).to(device)
         labels = balanced_labels(s + b, num_classes, device)
-        yield generator(z, labels[s:] if labels is not None else None).float()
+        yield z, (labels[s:] if labels is not None else None)
+
+
+@torch.no_grad()
+def generator_batches(generator: torch.nn.Module, shape: tuple[int, ...], num_classes: int | None, n: int,
+                      batch_size: int, seed: int, device, start: int = 0) -> Iterator[Tensor]:
+    """n one-step samples in batches on the protocol of `protocol_inputs`; `start` is the index of the first
+    sample (a rank's share starts there)."""
+    for z, labels in protocol_inputs(shape, num_classes, n, batch_size, seed, device, start):
+        yield generator(z, labels).float()
 
 
 @torch.no_grad()
 def teacher_batches(teacher: torch.nn.Module, shape: tuple[int, ...], n: int, batch_size: int, steps: int,
                     guidance_scale: float, seed: int, device, start: int = 0) -> Iterator[Tensor]:
-    """n teacher samples by `steps` DDIM steps, same noise and labels protocol as `generator_batches`."""
+    """n teacher samples by `steps` DDIM steps, on the same protocol as `generator_batches`."""
     from distill.teachers import ddim_sample
 
-    num_classes = getattr(teacher, "num_classes", None)
-    for s in range(start, start + n, batch_size):
-        b = min(batch_size, start + n - s)
-        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                         for i in range(s, s + b)]).to(device)
-        labels = balanced_labels(s + b, num_classes, device)
-        yield ddim_sample(teacher, z, labels[s:] if labels is not None else None, steps=steps,
-                          guidance_scale=guidance_scale).float()
+    for z, labels in protocol_inputs(shape, getattr(teacher, "num_classes", None), n, batch_size, seed, device,
+                                     start):
+        yield ddim_sample(teacher, z, labels, steps=steps, guidance_scale=guidance_scale).float()
 
 
 def rank_share(n: int, rank: int, world: int) -> tuple[int, int]:

@@ -1,5 +1,5 @@
-"""The DMD LightningModule (DMD2 reference form, docs/method.md §3–§4): manual optimisation, two time scales, EMA, and the
-CARV hierarchical estimator of the DMD expectation over (t, eps).
+"""The DMD LightningModule (DMD2 reference form, docs/method.md §3–§4): manual optimisation, two time scales, EMA,
+and the CARV hierarchical estimator of the DMD expectation over (t, eps).
 
 `training_step` reads like the algorithm:
   1. sample z and generate x = G(z)                       (the expensive upstream: N samples)
@@ -440,7 +440,8 @@ class DMDModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         from distill.config import to_yaml
 
-        checkpoint["distill"] = {"step": self.step, "config": to_yaml(self.cfg), "g_steps": self.g_steps, "sampler": self.sampler.state_dict(),
+        checkpoint["distill"] = {"step": self.step, "config": to_yaml(self.cfg), "g_steps": self.g_steps,
+                                 "sampler": self.sampler.state_dict(),
                                  "k_control": self.k_control.state_dict(), "costs": dict(self.costs),
                                  "nonfinite": [0, 0] if self.health is None else [int(v) for v in
                                                                                    self.health[:2].tolist()]}

@@ -53,3 +53,21 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "distill", *args], cwd=cwd or REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def submit_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`distill submit ARGS` in this process: (status, stdout, stderr)."""
+    from distill.cli import main
+
+    code = main(["submit", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def srun_argv(script: str) -> list[str]:
+    """The command that srun launches in a rendered script, as the shell will split it (continuation lines
+    joined)."""
+    import shlex
+
+    body = script.replace("\\\n", " ")
+    return shlex.split(next(ln for ln in body.splitlines() if ln.lstrip().startswith("srun ")))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, srun_argv, submit_cli
 
 # gmm: no data, tiny MLPs. Two CPU ranks (gloo) share the global batch of 256.
 GMM = ["--config", "configs/gmm.yaml", "trainer.accelerator=cpu", "logging.samples_every_steps=0",
@@ -40,26 +39,11 @@ def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)  # config paths as a user types them, from the checkout
 
 
-def _submit(capsys, *args: str) -> tuple[int, str, str]:
-    from distill.cli import main
-
-    code = main(["submit", *args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def _srun_argv(script: str) -> list[str]:
-    """The command that srun launches, as the shell will split it (continuation lines joined)."""
-    body = script.replace("\\\n", " ")
-    line = next(ln for ln in body.splitlines() if ln.lstrip().startswith("srun "))
-    return shlex.split(line)
-
-
 def test_dry_run_renders_srun_signal_requeue_and_quoted_overrides(capsys, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     args = [*GMM, f"run.dir={run_dir}", "run.name=it's a run; rm -rf /", "trainer.max_steps=7", "--ntasks-per-node",
             "2", "--time", "00:30:00"]
-    code, out, err = _submit(capsys, *args, "--dry-run")
+    code, out, err = submit_cli(capsys, *args, "--dry-run")
     assert code == 0, err
     sbatch = [ln for ln in out.splitlines() if ln.startswith("#SBATCH")]
     for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=1",
@@ -70,7 +54,7 @@ def test_dry_run_renders_srun_signal_requeue_and_quoted_overrides(capsys, tmp_pa
     assert f"cd {REPO}" in out.splitlines()  # where the user submitted from: relative paths in the config hold
     # nothing asked for GPUs, a partition or an account: those lines are left out, not left empty
     assert not [ln for ln in sbatch if re.match(r"#SBATCH --(gpus-per-node|partition|account|dependency)", ln)]
-    argv = _srun_argv(out)
+    argv = srun_argv(out)
     assert argv[0] == "srun"
     i = argv.index("-m")
     assert argv[i:i + 3] == ["-m", "distill", "fit"]
@@ -89,10 +73,10 @@ def test_dry_run_renders_srun_signal_requeue_and_quoted_overrides(capsys, tmp_pa
     (bin_dir / "sbatch").write_text("#!/bin/sh\necho 4242\n")
     (bin_dir / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    code, out, err = _submit(capsys, *args)
+    code, out, err = submit_cli(capsys, *args)
     assert code == 0, err
     (script,) = (run_dir / "slurm").glob("train-*.sbatch")
-    argv = _srun_argv(script.read_text())
+    argv = srun_argv(script.read_text())
     snapshot = Path(argv[argv.index("--config") + 1])
     assert snapshot.parent == run_dir / "slurm" and snapshot.is_file()
     cfg = load_config(FitConfig, snapshot, argv[argv.index("--config") + 2:])  # what `distill fit` will run
@@ -102,7 +86,7 @@ def test_dry_run_renders_srun_signal_requeue_and_quoted_overrides(capsys, tmp_pa
 
 
 def test_dry_run_optional_lines_and_gpu_default(capsys, tmp_path):
-    code, out, err = _submit(capsys, *GMM, f"run.dir={tmp_path / 'r'}", "trainer.accelerator=gpu", "--nodes", "2",
+    code, out, err = submit_cli(capsys, *GMM, f"run.dir={tmp_path / 'r'}", "trainer.accelerator=gpu", "--nodes", "2",
                              "--ntasks-per-node", "4", "--cpus-per-task", "8", "--partition", "gpu", "--account",
                              "proj1", "--job-name", "big", "--after", "123", "--dry-run")
     assert code == 0, err
@@ -111,7 +95,7 @@ def test_dry_run_optional_lines_and_gpu_default(capsys, tmp_path):
                  "#SBATCH --job-name=big", "#SBATCH --dependency=afterok:123"):
         assert line in out.splitlines(), line
     assert not re.search(r"^#SBATCH --time", out, re.M)  # no --time: the partition's default
-    assert _srun_argv(out)[-3:-1] == ["trainer.devices=4", "trainer.num_nodes=2"]
+    assert srun_argv(out)[-3:-1] == ["trainer.devices=4", "trainer.num_nodes=2"]
 
 
 def test_fid_dry_run(capsys, tmp_path):
@@ -120,13 +104,13 @@ def test_fid_dry_run(capsys, tmp_path):
     (run_dir / "checkpoints" / "step=0000010.ckpt").write_bytes(b"")
     ref = tmp_path / "ref.npz"
     ref.write_bytes(b"")
-    code, out, err = _submit(capsys, "--fid", str(run_dir), "--ref", str(ref), "--num-samples", "500",
+    code, out, err = submit_cli(capsys, "--fid", str(run_dir), "--ref", str(ref), "--num-samples", "500",
                              "--ntasks-per-node", "2", "--dry-run")
     assert code == 0, err
     assert "#SBATCH --ntasks-per-node=2" in out.splitlines()
     assert f"#SBATCH --output={run_dir}/slurm-fid-%j.out" in out.splitlines()
     assert "--signal" not in out  # `distill fid` has no SIGUSR1 handler: the signal would kill it
-    argv = _srun_argv(out)
+    argv = srun_argv(out)
     i = argv.index("-m")
     assert argv[i:] == ["-m", "distill", "fid", str(run_dir), "--ref", str(ref), "--num-samples", "500"]
     assert 'WORLD_SIZE="$SLURM_NTASKS" RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID"' in out
@@ -143,18 +127,18 @@ def test_fid_dry_run(capsys, tmp_path):
 ])
 def test_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, args, message):
     run_dir = tmp_path / "run"
-    code, out, err = _submit(capsys, *GMM, f"run.dir={run_dir}", *args)
+    code, out, err = submit_cli(capsys, *GMM, f"run.dir={run_dir}", *args)
     assert code == 2
     assert message in err and err.startswith("distill submit: error:"), err
     assert not run_dir.exists()
 
 
 def test_fid_needs_ref_and_checkpoints(capsys, tmp_path):
-    code, _, err = _submit(capsys, "--fid", str(tmp_path))
+    code, _, err = submit_cli(capsys, "--fid", str(tmp_path))
     assert code == 2 and "--ref" in err
     ref = tmp_path / "ref.npz"
     ref.write_bytes(b"")
-    code, _, err = _submit(capsys, "--fid", str(tmp_path), "--ref", str(ref))
+    code, _, err = submit_cli(capsys, "--fid", str(tmp_path), "--ref", str(ref))
     assert code == 2 and "no checkpoints/step=*.ckpt" in err and "--after" in err
 
 

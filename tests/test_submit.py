@@ -5,12 +5,11 @@ SLURM where a submission must really write its files)."""
 from __future__ import annotations
 
 import os
-import shlex
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, srun_argv, submit_cli
 
 # gmm: no data, tiny MLPs (the global batch of 256 divides over 1, 2 or 4 tasks)
 GMM = ["--config", "configs/gmm.yaml", "trainer.accelerator=cpu"]
@@ -21,18 +20,15 @@ def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)  # config paths as a user types them, from the checkout
 
 
-def _submit(capsys, *args: str) -> tuple[int, str, str]:
-    from distill.cli import main
-
-    code = main(["submit", *args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def _srun_argv(script: str) -> list[str]:
-    """The command that srun launches, as the shell will split it (continuation lines joined)."""
-    body = script.replace("\\\n", " ")
-    return shlex.split(next(ln for ln in body.splitlines() if ln.lstrip().startswith("srun ")))
+@pytest.fixture
+def fid_run(tmp_path) -> tuple[Path, Path]:
+    """A run directory with one (empty) checkpoint and a reference file: enough for `submit --fid` to render."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step=0000010.ckpt").write_bytes(b"")
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(b"")
+    return run_dir, ref
 
 
 @pytest.fixture
@@ -79,7 +75,7 @@ def test_time_seconds_refuses_other_formats(value):
 @pytest.mark.parametrize("value", ["1", "1:30", "00:01:30", "0-00:01", "0:05"])
 def test_time_not_longer_than_the_sigusr1_warning_is_refused(capsys, tmp_path, value):
     run_dir = tmp_path / "run"
-    code, out, err = _submit(capsys, *GMM, f"run.dir={run_dir}", "--time", value)
+    code, out, err = submit_cli(capsys, *GMM, f"run.dir={run_dir}", "--time", value)
     assert code == 2, (out, err)
     assert err.startswith("distill submit: error:") and err.count("\n") == 1, err
     assert f"--time {value!r}" in err and "90 s" in err and "expected a time limit longer than 90 s" in err, err
@@ -88,7 +84,7 @@ def test_time_not_longer_than_the_sigusr1_warning_is_refused(capsys, tmp_path, v
 
 @pytest.mark.parametrize("value", ["1:31", "2", "0-00:02", "0"])
 def test_time_longer_than_the_warning_or_unlimited_is_accepted(capsys, tmp_path, value):
-    code, out, err = _submit(capsys, *GMM, f"run.dir={tmp_path / 'run'}", "--time", value, "--dry-run")
+    code, out, err = submit_cli(capsys, *GMM, f"run.dir={tmp_path / 'run'}", "--time", value, "--dry-run")
     assert code == 0, err
     assert f"#SBATCH --time={value}" in out.splitlines()
 
@@ -97,19 +93,15 @@ def test_time_is_checked_against_the_templates_own_warning(capsys, tmp_path):
     template = tmp_path / "train.sbatch"  # a copied template that asks for the signal 5 minutes ahead
     template.write_text((REPO / "slurm" / "train.sbatch").read_text().replace("SIGUSR1@90", "B:USR1@300"))
     args = [*GMM, f"run.dir={tmp_path / 'run'}", "--template", str(template), "--dry-run"]
-    code, _, err = _submit(capsys, *args, "--time", "5")
+    code, _, err = submit_cli(capsys, *args, "--time", "5")
     assert code == 2 and "expected a time limit longer than 300 s" in err, err
-    code, _, err = _submit(capsys, *args, "--time", "6")
+    code, _, err = submit_cli(capsys, *args, "--time", "6")
     assert code == 0, err
 
 
-def test_fid_jobs_have_no_warning_to_outlast(capsys, tmp_path):
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step=0000010.ckpt").write_bytes(b"")
-    ref = tmp_path / "ref.npz"
-    ref.write_bytes(b"")
-    code, out, err = _submit(capsys, "--fid", str(run_dir), "--ref", str(ref), "--time", "1", "--dry-run")
+def test_fid_jobs_have_no_warning_to_outlast(capsys, fid_run):
+    run_dir, ref = fid_run
+    code, out, err = submit_cli(capsys, "--fid", str(run_dir), "--ref", str(ref), "--time", "1", "--dry-run")
     assert code == 0, err
     assert "#SBATCH --time=1" in out.splitlines()
 
@@ -121,7 +113,7 @@ def test_fid_jobs_have_no_warning_to_outlast(capsys, tmp_path):
 @pytest.mark.parametrize("gpus, tasks", [("4", "2"), ("2", "1")])
 def test_more_gpus_than_tasks_is_refused(capsys, tmp_path, gpus, tasks):
     run_dir = tmp_path / "run"
-    code, _, err = _submit(capsys, *GMM, "trainer.accelerator=auto", f"run.dir={run_dir}", "--gpus-per-node", gpus,
+    code, _, err = submit_cli(capsys, *GMM, "trainer.accelerator=auto", f"run.dir={run_dir}", "--gpus-per-node", gpus,
                            "--ntasks-per-node", tasks)
     assert code == 2 and err.count("\n") == 1, err
     assert f"--gpus-per-node {gpus}" in err and f"--ntasks-per-node {tasks}" in err, err
@@ -129,18 +121,14 @@ def test_more_gpus_than_tasks_is_refused(capsys, tmp_path, gpus, tasks):
     assert not run_dir.exists()
 
 
-def test_fid_with_more_gpus_than_tasks_is_refused(capsys, tmp_path):
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step=0000010.ckpt").write_bytes(b"")
-    ref = tmp_path / "ref.npz"
-    ref.write_bytes(b"")
-    code, _, err = _submit(capsys, "--fid", str(run_dir), "--ref", str(ref), "--gpus-per-node", "2", "--dry-run")
+def test_fid_with_more_gpus_than_tasks_is_refused(capsys, fid_run):
+    run_dir, ref = fid_run
+    code, _, err = submit_cli(capsys, "--fid", str(run_dir), "--ref", str(ref), "--gpus-per-node", "2", "--dry-run")
     assert code == 2 and "--gpus-per-node 2" in err and "one task per GPU" in err, err
 
 
 def test_as_many_gpus_as_tasks_is_accepted(capsys, tmp_path):
-    code, out, err = _submit(capsys, *GMM, "trainer.accelerator=auto", f"run.dir={tmp_path / 'run'}",
+    code, out, err = submit_cli(capsys, *GMM, "trainer.accelerator=auto", f"run.dir={tmp_path / 'run'}",
                              "--gpus-per-node", "2", "--ntasks-per-node", "2", "--dry-run")
     assert code == 0, err
     assert "#SBATCH --gpus-per-node=2" in out.splitlines()
@@ -153,10 +141,10 @@ def test_as_many_gpus_as_tasks_is_accepted(capsys, tmp_path):
 def test_no_gpus_pins_the_cpu_and_says_so(capsys, tmp_path):
     run_dir = tmp_path / "run"
     # configs/gmm.yaml says trainer.accelerator: auto; without GPUs the job would quietly run on CPUs
-    code, out, err = _submit(capsys, "--config", "configs/gmm.yaml", f"run.dir={run_dir}", "--ntasks-per-node", "2",
+    code, out, err = submit_cli(capsys, "--config", "configs/gmm.yaml", f"run.dir={run_dir}", "--ntasks-per-node", "2",
                              "--dry-run")
     assert code == 0, err
-    argv = _srun_argv(out)
+    argv = srun_argv(out)
     assert "trainer.accelerator=cpu" in argv[argv.index("--config") + 2:]
     assert not [ln for ln in out.splitlines() if ln.startswith("#SBATCH --gpus")]
     notes = [ln for ln in err.splitlines() if "CPU" in ln]
@@ -164,16 +152,16 @@ def test_no_gpus_pins_the_cpu_and_says_so(capsys, tmp_path):
 
 
 def test_gpus_leave_the_accelerator_to_the_config(capsys, tmp_path):
-    code, out, err = _submit(capsys, "--config", "configs/gmm.yaml", f"run.dir={tmp_path / 'run'}",
+    code, out, err = submit_cli(capsys, "--config", "configs/gmm.yaml", f"run.dir={tmp_path / 'run'}",
                              "--ntasks-per-node", "2", "--gpus-per-node", "2", "--dry-run")
     assert code == 0, err
-    assert not [a for a in _srun_argv(out) if a.startswith("trainer.accelerator=")]
+    assert not [a for a in srun_argv(out) if a.startswith("trainer.accelerator=")]
     assert "CPU" not in err
 
 
 def test_gpus_with_accelerator_cpu_are_refused(capsys, tmp_path):
     run_dir = tmp_path / "run"
-    code, _, err = _submit(capsys, *GMM, f"run.dir={run_dir}", "--ntasks-per-node", "2", "--gpus-per-node", "2")
+    code, _, err = submit_cli(capsys, *GMM, f"run.dir={run_dir}", "--ntasks-per-node", "2", "--gpus-per-node", "2")
     assert code == 2 and err.count("\n") == 1, err
     assert "--gpus-per-node 2" in err and "trainer.accelerator=cpu" in err, err
     assert not run_dir.exists()
@@ -190,10 +178,10 @@ def test_submit_snapshots_the_config_and_the_job_reads_only_the_snapshot(capsys,
     config.write_text((REPO / "configs" / "gmm.yaml").read_text())
     run_dir = tmp_path / "run"
     overrides = [f"run.dir={run_dir}", "run.name=it's a run; rm -rf /", "trainer.max_steps=7"]
-    code, out, err = _submit(capsys, "--config", str(config), *overrides, "--ntasks-per-node", "2")
+    code, out, err = submit_cli(capsys, "--config", str(config), *overrides, "--ntasks-per-node", "2")
     assert code == 0, err
     (script,) = (run_dir / "slurm").glob("train-*.sbatch")
-    argv = _srun_argv(script.read_text())
+    argv = srun_argv(script.read_text())
     snapshot = Path(argv[argv.index("--config") + 1])
     # the job reads the snapshot, never the file the user may go on editing; nothing but the pins follows it
     assert snapshot.is_file() and snapshot.parent == run_dir / "slurm" and snapshot.suffix == ".yaml", snapshot
@@ -212,9 +200,9 @@ def test_submit_snapshots_the_config_and_the_job_reads_only_the_snapshot(capsys,
 
 def test_dry_run_shows_the_snapshot_path_and_writes_nothing(capsys, tmp_path):
     run_dir = tmp_path / "run"
-    code, out, err = _submit(capsys, *GMM, f"run.dir={run_dir}", "--dry-run")
+    code, out, err = submit_cli(capsys, *GMM, f"run.dir={run_dir}", "--dry-run")
     assert code == 0, err
-    argv = _srun_argv(out)
+    argv = srun_argv(out)
     snapshot = argv[argv.index("--config") + 1]
     assert snapshot.startswith(f"{run_dir}/slurm/train-") and snapshot.endswith(".yaml"), snapshot
     assert snapshot in err  # said out loud: the file a real submission writes
@@ -239,6 +227,6 @@ def test_a_snapshot_is_never_replaced(tmp_path):
 ])
 def test_accelerators_that_no_slurm_gpu_layout_fits_are_refused(capsys, tmp_path, args, message):
     run_dir = tmp_path / "run"
-    code, _, err = _submit(capsys, *GMM, f"run.dir={run_dir}", *args)
+    code, _, err = submit_cli(capsys, *GMM, f"run.dir={run_dir}", *args)
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not run_dir.exists()

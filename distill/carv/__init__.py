@@ -1,5 +1,5 @@
-"""CARV: the hierarchical Monte Carlo estimator of the DMD gradient (docs/method.md §4–§7) — timestep proposals, stratified
-draws, variance and compute accounting. Imports torch only, so it is usable without Lightning or a GPU."""
+"""CARV: the hierarchical Monte Carlo estimator of the DMD gradient (docs/method.md §4–§7) — timestep proposals,
+stratified draws, variance and compute accounting. Imports torch only, so it is usable without Lightning or a GPU."""
 
 from distill.carv.accounting import (anova, cost, ecm, ecm_oracle, k_star, optimal_k, split_half,
                                      variance)

@@ -1,4 +1,4 @@
-"""Variance and compute accounting for the CARV estimator (docs/method.md §5, "Variance and cost" and "Online estimates").
+"""Variance and compute accounting for the CARV estimator (docs/method.md §5: variance and cost, online estimates).
 
 σ_b²: variance across outer samples of the per-sample mean E[g | x_n] (trace); σ_w²: mean within-sample variance
 of one inner draw (trace). With N outer samples and K inner draws, Var(Ĝ) = σ_b²/N + σ_w²/(N·K).
@@ -28,7 +28,7 @@ def anova(y: Tensor) -> tuple[Tensor, Tensor]:
     N, K = y.shape[:2]
     y = y.detach().reshape(N, K, -1).double()  # (N, K, D)
     y_n = y.mean(1)  # (N, D)
-    s_w2 = ((y - y_n[:, None]) ** 2).sum() / (N * (K - 1))  # s_w² = ΣΣ‖y_nk − ȳ_n‖²/(N(K−1)) (docs/method.md §5)
+    s_w2 = ((y - y_n[:, None]) ** 2).sum() / (N * (K - 1))  # s_w² = ΣΣ‖y_nk − ȳ_n‖²/(N(K−1)) (§5)
     s_m2 = ((y_n - y_n.mean(0)) ** 2).sum() / (N - 1)  # s_m² = Σ‖ȳ_n − ȳ‖²/(N−1), mean σ_b² + σ_w²/K
     return s_m2 - s_w2 / K, s_w2  # σ̂_b² = s_m² − s_w²/K (docs/method.md §5)
 
@@ -40,7 +40,8 @@ def _flat(G) -> Tensor:
 
 
 def split_half(G1A, G1B, G2A, G2B, N: int, K: int) -> tuple[Tensor, Tensor]:
-    """Exact parameter-space (σ̂_b², σ̂_w²) from four half-batch gradients (docs/method.md §5), float64 0-d tensors.
+    """Exact parameter-space (σ̂_b², σ̂_w²) from four half-batch gradients (docs/method.md §5), float64 0-d
+    tensors.
 
     G_iA: the estimator's gradient (mean-normalised like the full one) from the N/2 samples of half i and the K/2
     draws of half A; each a flat tensor or a list of tensors (parameter gradients, same order in all four).
