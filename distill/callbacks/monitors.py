@@ -94,7 +94,7 @@ class ProposalPlot(L.Callback):
         from distill.plots import proposal_image
 
         s = pl_module.sampler
-        image = proposal_image(s.p, s.q, s.m2.cpu(), s.seen.cpu(), s.lo, s.hi,  # (the table may be on the GPU)
+        image = proposal_image(s.p, s.q, s.m2, s.seen, s.lo, s.hi,
                                title=f"timestep proposal ({s.kind}, {s.stratify}), step {step}")
         self._last = step
         _publish(trainer, image, self.plots_dir / f"proposal_step_{step:07d}.png", "carv/proposal", step)

@@ -212,9 +212,11 @@ class TimestepSampler:
         """Fold the pending records into the per-bin EMA; rebuild an adaptive q after `warmup` updates and then
         every `refresh_every` updates. The only place (with load_state_dict) where q changes. The fold runs on
         the records' device with no host sync; only a rebuild of q reads the table on the host."""
-        if self._pending is not None and not self.frozen:
-            s, c = self._pending
-            self._pending = None
+        pending, self._pending = self._pending, None
+        if self.frozen:
+            return
+        if pending is not None:
+            s, c = pending
             if self.m2.device != s.device:
                 self.m2, self.seen = self.m2.to(s.device, s.dtype), self.seen.to(s.device)
             got = (c > 0) & torch.isfinite(s)
@@ -223,9 +225,6 @@ class TimestepSampler:
             folded = torch.where(self.seen, self.ema * self.m2 + (1 - self.ema) * mean, mean)
             self.m2 = torch.where(got, folded.to(self.m2.dtype), self.m2)
             self.seen = self.seen | got
-        self._pending = None
-        if self.frozen:
-            return
         self.n_updates += 1
         start = max(self.warmup, 1)
         if self.kind == "adaptive" and self.n_updates >= start and (self.n_updates - start) % self.refresh_every == 0:
