@@ -237,8 +237,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from distill.data import iterate_split, read_meta
-    from distill.metrics import compute_stats, extractor_for, save_stats
+    from distill.metrics import compute_stats, extractor_for, refuse_unused_weights, save_stats
 
+    refuse_unused_weights(args.features, f"--features {args.features}", args.features_path, args.inception_weights)
     meta = read_meta(args.data)
     dim = int(meta["channels"]) * int(meta["resolution"][0]) * int(meta["resolution"][1])
     extractor = extractor_for(args.features, args.features_path, args.inception_weights, num_features=dim)

@@ -326,8 +326,9 @@ class FitConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def validate(self) -> None:
-        """Checks that span sections or touch the file system."""
+    def validate(self, read_data: bool = True) -> None:
+        """Checks that span sections or touch the file system; `read_data=False` (evaluating a checkpoint, which
+        reads no shards) leaves data.path unchecked."""
         t = self.teacher
         if t.kind == "diffusers":
             _check(t.path is not None, "teacher.path", "a teacher folder", t.path)
@@ -336,7 +337,8 @@ class FitConfig:
                    self.generator.init)
             _check(self.fake_score.init == "teacher", "fake_score.init", "teacher for a diffusers teacher",
                    self.fake_score.init)
-            _check(self.data.path is not None, "data.path", "a shard folder for a diffusers teacher", None)
+            _check(not read_data or self.data.path is not None, "data.path", "a shard folder for a diffusers teacher",
+                   None)
         else:
             _check(self.generator.init == "mlp", "generator.init", "mlp for the gmm teacher (no weights to copy)",
                    self.generator.init)
@@ -348,7 +350,7 @@ class FitConfig:
                 _check(self.generator.t_init < t.num_timesteps, "generator.t_init",  # T is known here: say so now
                        f"an index in [0, {t.num_timesteps}) of the teacher's {t.num_timesteps} time steps",
                        self.generator.t_init)
-        if self.data.path is not None:
+        if read_data and self.data.path is not None:
             _check_dir(self.data.path, "data.path", "a folder of train-*.tar shards (see `distill data --help`)")
         _check_devices(self.data.batch_size, self.trainer)
         e = self.estimator
@@ -441,7 +443,7 @@ class TeacherTrainConfig:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=2000, checkpoint_every_steps=500))
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(samples_every_steps=1000))
 
-    def validate(self) -> None:
+    def validate(self, read_data: bool = True) -> None:
         _check(self.data.path is not None, "data.path", "a shard folder", None)
         _check_dir(self.data.path, "data.path", "a folder of train-*.tar shards (see `distill data --help`)")
         _check(self.sample_steps >= 1, "sample_steps", "an integer >= 1", self.sample_steps)
@@ -588,8 +590,10 @@ def _check_shapes(schema: type, layer: dict, prefix: str = "") -> None:
             raise ConfigError(key, f"expected {f.metadata['expected']}, got {value!r}")
 
 
-def load_config(schema: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
-    """Schema defaults <- YAML file <- `key=value` overrides, validated; raises ConfigError/DistillError."""
+def load_config(schema: type[C], path: str | Path | None = None, overrides: list[str] = (),
+                read_data: bool = True) -> C:
+    """Schema defaults <- YAML file <- `key=value` overrides, validated; raises ConfigError/DistillError.
+    `read_data=False`: the caller reads no shards (evaluation), so data.path need not exist."""
     base = OmegaConf.structured(schema)
     layers = []
     if path is not None:
@@ -628,7 +632,7 @@ def load_config(schema: type[C], path: str | Path | None = None, overrides: list
         raise
     except OmegaConfBaseException as e:
         raise ConfigError(getattr(e, "full_key", "?") or "?", str(e).splitlines()[0]) from None
-    obj.validate()
+    obj.validate(read_data)
     return obj
 
 

@@ -151,7 +151,7 @@ def _config_from_text(text: str, overrides: list[str]):
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
         fh.write(text)
     try:
-        return load_config(FitConfig, fh.name, overrides)
+        return load_config(FitConfig, fh.name, overrides, read_data=False)
     finally:
         os.unlink(fh.name)
 
@@ -159,8 +159,8 @@ def _config_from_text(text: str, overrides: list[str]):
 def _moved_paths(ckpt: Path, text: str, teacher: str | None) -> list[str]:
     """Overrides that let a checkpoint load away from where it was made. Runs made before absolute paths were
     stored keep folders relative to the directory they ran in, and teachers move: `teacher` (--teacher) replaces
-    the teacher folder, and a stored one that is gone is named with that hint. Evaluation reads no shards, but
-    FitConfig.validate wants data.path to exist: a gone one is replaced by the checkpoint's own folder."""
+    the teacher folder, and a stored one that is gone is named with that hint. Evaluation reads no shards, so the
+    config is loaded with `read_data=False` and a data folder that is gone does not matter."""
     import json
 
     import yaml
@@ -180,9 +180,6 @@ def _moved_paths(ckpt: Path, text: str, teacher: str | None) -> list[str]:
         where = "" if path is None or os.path.isabs(path) else f" (relative to {os.getcwd()})"
         raise DistillError(f"checkpoint {str(ckpt)!r} was made with teacher folder {path!r}, which does not exist"
                            f"{where}; expected the teacher there, or --teacher FOLDER naming where it is now")
-    data = (stored.get("data") or {}).get("path")
-    if data is not None and not os.path.isdir(data):
-        out.append(f"data.path={json.dumps(str(ckpt.parent))}")
     return out
 
 
@@ -354,15 +351,11 @@ def _extractor(cfg, features: str | None, features_path: str | None, inception_w
     """The extractor of --features (default: the run's eval.features) with its weights: --features-path for
     digits, --inception-weights for inception, else the run's own. A weights file for an extractor that is not
     the one used is refused, not silently ignored."""
-    from distill.metrics import extractor_for
+    from distill.metrics import extractor_for, refuse_unused_weights
 
     name = features or cfg.eval.features
-    source = "--features" if features else "the run's eval.features"
-    for flag, value, owner in (("--features-path", features_path, "digits"),
-                               ("--inception-weights", inception_weights, "inception")):
-        if value is not None and name != owner:
-            raise DistillError(f"{flag} {value!r} is for the {owner} extractor, but the features are {name} "
-                               f"({source}); expected --features {owner}, or no {flag}")
+    refuse_unused_weights(name, "--features" if features else "the run's eval.features", features_path,
+                          inception_weights)
     return extractor_for(name, features_path or cfg.eval.features_path,
                          inception_weights or cfg.eval.inception_weights, num_features=num_features)
 

@@ -149,6 +149,11 @@ class FeatureExtractor(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_input(self, shape: tuple[int, ...]) -> None:
+        """Raise DistillError naming the mismatch if samples of `shape` (C, H, W) are not an input of this extractor:
+        one probe image, so that a run finds out before it writes anything, not at its first evaluation."""
+        self(torch.zeros(1, *shape, device=next(self.parameters(), torch.zeros(())).device))
+
 
 class RawFeatures(FeatureExtractor):
     """The data itself, flattened: for low-dimensional data such as the 2-D Gaussian mixtures."""
@@ -251,6 +256,18 @@ def build_extractor(name: str, path: str | Path | None = None, num_features: int
     if name == "inception":
         return _build_inception(path)
     raise DistillError(f"unknown feature extractor {name!r}; expected one of {', '.join(EXTRACTORS)}")
+
+
+def refuse_unused_weights(name: str, source: str, features_path: str | Path | None,
+                          inception_weights: str | Path | None) -> None:
+    """A weights flag given for an extractor that is not the one in use is refused, not silently ignored
+    (`--features-path` belongs to digits, `--inception-weights` to inception; `source` names where `name` came
+    from, for the message)."""
+    for flag, value, owner in (("--features-path", features_path, "digits"),
+                               ("--inception-weights", inception_weights, "inception")):
+        if value is not None and name != owner:
+            raise DistillError(f"{flag} {str(value)!r} is for the {owner} extractor, but the features are {name} "
+                               f"({source}); expected --features {owner}, or no {flag}")
 
 
 def extractor_for(name: str, features_path: str | Path | None = None, inception_weights: str | Path | None = None,

@@ -221,3 +221,39 @@ def test_bench_with_a_digits_checkpoint_and_the_gmm_config_is_one_line(run_with_
     assert r.returncode == 2
     line = _one_line(r.stderr)
     assert "other networks" in line and str(ckpt) in line and len(line) < 400
+
+
+@pytest.mark.parametrize("features, flag", [("inception", "--features-path"), ("raw", "--features-path"),
+                                            ("digits", "--inception-weights"), ("raw", "--inception-weights")])
+def test_stats_refuses_a_weights_flag_its_extractor_does_not_use(digits_shards, tmp_path, capsys, features, flag):
+    """`distill stats --features inception --features-path F` used to ignore F silently (and so made statistics
+    with weights the user did not ask for): refused in one line naming the flag, nothing written."""
+    from distill.cli import main
+
+    out = tmp_path / "ref.npz"
+    code = main(["stats", "--data", str(digits_shards), "--out", str(out), "--features", features, flag, "w.pt"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("distill stats: error: ") and flag in err[0] and f"features are {features}" in err[0]
+    assert not out.exists()
+
+
+def test_a_checkpoint_loads_after_its_data_folder_is_gone(run_with_eval, tmp_path):
+    """Evaluation reads no shards, so a run whose data folder was deleted (or lives on another cluster) still
+    loads; before, a placeholder data.path had to be slipped in for the config to validate."""
+    import torch
+
+    from distill.evaluate import load_checkpoint_module
+
+    state = torch.load(run_with_eval / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    gone = tmp_path / "shards-gone"
+    text = state["distill"]["config"]
+    assert "data:\n  path: " in text
+    lines = [f"  path: {gone}" if i > 0 and text.splitlines()[i - 1] == "data:" else line
+             for i, line in enumerate(text.splitlines())]
+    state["distill"]["config"] = "\n".join(lines) + "\n"
+    ckpt = tmp_path / "run" / "checkpoints" / "step=0000008.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(state, ckpt)
+    module, step = load_checkpoint_module(ckpt)
+    assert step == 8 and module.cfg.data.path == str(gone) and not gone.exists()

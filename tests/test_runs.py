@@ -216,6 +216,39 @@ def test_an_extractor_that_does_not_fit_the_samples_stops_before_anything_is_wri
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+def test_digits_features_on_16x16_samples_stop_before_anything_is_written(tmp_path):
+    """eval.features=digits (an 8x8 classifier) on a 16x16 teacher with eval.fid_ref given: the mismatch used to
+    surface at the first evaluation, after config.yaml and samples/ were written; the extractor is now probed with
+    the sample shape when the FID monitor is built."""
+    import numpy as np
+    from diffusers import DDPMScheduler
+    from PIL import Image
+
+    from distill.data import write_folder_shards
+    from distill.teachers import build_unet
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher16"
+    build_unet((1, 16, 16), 10, [8, 16], 1, False).save_pretrained(teacher / "unet")
+    DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(teacher / "scheduler")
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (tmp_path / "src" / str(c)).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "src" / str(c) / f"{i}.png")
+    write_folder_shards(tmp_path / "src", tmp_path / "shards", channels=1)
+    run_dir = tmp_path / "run"
+    r = run_cli("fit", "--config", str(REPO / "configs/digits.yaml"), f"run.dir={run_dir}", f"teacher.path={teacher}",
+                f"data.path={tmp_path / 'shards'}", "eval.features=digits",
+                f"eval.fid_ref={REPO / 'data/digits/ref-digits.npz'}", "eval.fid_every_steps=1", "trainer.max_steps=2",
+                "data.batch_size=8", "logging.wandb=offline")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("distill fit: error: digits features") and "(1, 16, 16)" in line and "(1, 8, 8)" in line
+    assert not run_dir.exists()  # no config.yaml, samples/, wandb/ or wandb_id.txt
+
+
 def _stats_of_other_features(tmp_path: Path) -> Path:
     """Reference statistics of 3 raw features: made for other data than 8x8 digits."""
     import numpy as np

@@ -175,6 +175,7 @@ class FIDMonitor(L.Callback):
         e = cfg.eval
         self.extractor = M.extractor_for(e.features, e.features_path, e.inception_weights,
                                          num_features=math.prod(pl_module.sample_shape())).eval()
+        self.extractor.check_input(tuple(pl_module.sample_shape()))
         if e.fid_ref is not None:
             self.ref = M.load_stats(e.fid_ref, expected_extractor_id=self.extractor.extractor_id,
                                     num_features=self.extractor.num_features)
