@@ -10,11 +10,12 @@ export WANDB_DIR ?= $(CURDIR)/.wandb
 export WANDB_CACHE_DIR ?= $(CURDIR)/.wandb/cache
 export WANDB_CONFIG_DIR ?= $(CURDIR)/.wandb/config
 
-.PHONY: demo test test-fast data teacher clean help
+.PHONY: demo test test-fast mutants data teacher clean help
 
 help:
 	@echo "make demo   - set up .venv, build the digits shards and distil the shipped teacher (CPU, a few minutes)"
 	@echo "make test   - set up .venv and run the test suite"
+	@echo "make mutants - break each promise on purpose (tests/mutants.py) and check a test fails every time"
 	@echo "make teacher - retrain the shipped digits teacher (data/teachers/digits)"
 
 $(STAMP): pyproject.toml
@@ -47,6 +48,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Each curated mutation of the package (tests/mutants.py) must make its tests fail; CI runs this after the suite.
+mutants: $(STAMP)
+	$(PY) tests/mutants.py
 
 clean:
 	rm -rf runs/demo .wandb .pytest_cache

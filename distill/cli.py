@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.runs import PROTOCOL_SEED
 
 EXIT_BAD_INPUT = 2
 
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the run's teacher folder, where it is now (a moved teacher, or a run whose config "
                          "stored a relative teacher.path) [the run's teacher.path]")
     fd.add_argument("--batch-size", type=int, default=250, metavar="B", help="samples per call [250]")
-    fd.add_argument("--seed", type=int, default=0, help="noise seed of the protocol [0]")
+    fd.add_argument("--seed", type=int, default=PROTOCOL_SEED,
+                    help=f"noise seed of the protocol, the in-loop fid/ema's too [{PROTOCOL_SEED}]")
     fd.add_argument("--device", default="auto",
                     help="cpu, cuda, cuda:N or auto; under torchrun/srun cuda and auto take cuda:LOCAL_RANK, cpu "
                          "keeps every process on the CPU [auto]")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from distill.errors import DistillError
-from distill.runs import list_checkpoints
+from distill.runs import PROTOCOL_SEED, list_checkpoints
 
 RESULTS_FILE = "fid_results.csv"
 RESULT_FIELDS = ["path", "step", "model", "fid", "samples", "extractor", "seconds", "ref", "ref_sha", "seed",
@@ -282,8 +282,9 @@ def check_fid_options(ref: str, num_samples: int, batch_size: int, teacher_steps
 
 def fid_command(path: str, ref: str, *, num_samples: int = 1000, features: str | None = None,
                 features_path: str | None = None, inception_weights: str | None = None,
-                teacher_steps: int | None = None, teacher: str | None = None, batch_size: int = 250, seed: int = 0,
-                device: str = "auto", json_out: str | None = None, wandb: bool = True) -> int:
+                teacher_steps: int | None = None, teacher: str | None = None, batch_size: int = 250,
+                seed: int = PROTOCOL_SEED, device: str = "auto", json_out: str | None = None,
+                wandb: bool = True) -> int:
     """Evaluate each checkpoint under `path` not yet in its results file on this protocol (CACHE_KEY), or the
     run's teacher with `teacher_steps` DDIM steps; append the rows, print the table. `teacher` replaces the run's
     teacher folder. Under torchrun / srun every process takes its share of the samples and the statistics are

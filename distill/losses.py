@@ -20,7 +20,8 @@ def dmd_grad(x: Tensor, mu_real: Tensor, mu_fake: Tensor) -> Tensor:
 
     x, mu_real, mu_fake: (B, ...) with the first axis indexing draws. The normaliser is per draw; pooling it over
     draws would change the objective. The DMD paper's eq. 7 carries an extra alpha_t factor that the DMD2 code
-    drops; we follow the code. Non-finite entries are zeroed as in the reference (`nan_to_num`).
+    drops; we follow the code. Non-finite entries go through `nan_to_num` as in the reference: NaN becomes 0 and
+    ±inf the largest finite float, so the loss of such a draw is non-finite and the update is skipped.
     """
     x, mu_real, mu_fake = x.float(), mu_real.float(), mu_fake.float()
     normaliser = (x - mu_real).abs().mean(dim=_sample_dims(x), keepdim=True)  # (B, 1, ...)

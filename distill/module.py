@@ -315,7 +315,9 @@ class DMDModule(L.LightningModule):
         if self.k_control.sigma_b2 is not None:
             sb2, sw2 = max(self.k_control.sigma_b2, 0.0), max(self.k_control.sigma_w2, 0.0)
             out["carv/sigma_b2"], out["carv/sigma_w2"] = sb2, sw2
-            if self.costs:
+            # no variance at all (a fake score that is still the teacher's exact copy, as at step 0 for a diffusers
+            # teacher without guidance, gives g = 0): K* and the ECM are undefined, not figures to log
+            if self.costs and sb2 + sw2 > 0:
                 c_u, c_i = self._cost_pair()
                 K = self.k_control.K
                 out["carv/k_star"] = min(max(k_star(sb2, sw2, c_u, c_i), 1.0), float(self.k_control.k_max))
@@ -399,8 +401,13 @@ class DMDModule(L.LightningModule):
             logger.log_metrics(means, step=self.step)
         self.progress_postfix = {k.split("/")[-1]: v for k, v in means.items() if k.startswith("loss/")}
 
+    def flush_due(self) -> bool:
+        return self.step % self.cfg.trainer.log_every_steps == 0 or self.step >= self.max_steps
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.step % self.cfg.trainer.log_every_steps == 0 or self.step >= self.max_steps:
+        # distill.train's Trainer flushes earlier (FlushMetrics, before the step's checkpoint is written); this
+        # covers a Trainer built without it, and is a no-op after it
+        if self.flush_due():
             self.flush_metrics()
         if self.step >= self.max_steps:
             self.trainer.should_stop = True
@@ -443,8 +450,9 @@ class DMDModule(L.LightningModule):
         checkpoint["distill"] = {"step": self.step, "config": to_yaml(self.cfg), "g_steps": self.g_steps,
                                  "sampler": self.sampler.state_dict(),
                                  "k_control": self.k_control.state_dict(), "costs": dict(self.costs),
-                                 "nonfinite": [0, 0] if self.health is None else [int(v) for v in
-                                                                                   self.health[:2].tolist()]}
+                                 # [total skipped, in a row now, step of the last one]
+                                 "nonfinite": [0, 0, 0] if self.health is None else [int(v) for v in
+                                                                                     self.health[[0, 1, 3]].tolist()]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher is frozen and reloaded from its folder; put it back so strict loading sees every key.
@@ -457,8 +465,9 @@ class DMDModule(L.LightningModule):
             self.sampler.load_state_dict(state["sampler"])
             self.k_control.load_state_dict(state["k_control"])
             self.costs = dict(state["costs"])
-            total, in_a_row = state.get("nonfinite", [0, 0])
-            self.health = torch.tensor([total, in_a_row, in_a_row, 0], dtype=torch.float64, device=self.device)
+            total, in_a_row, *last = state.get("nonfinite", [0, 0])  # older checkpoints kept no last step
+            self.health = torch.tensor([total, in_a_row, in_a_row, last[0] if last else 0], dtype=torch.float64,
+                                       device=self.device)
             if not self.k_control.auto:  # the config is the truth: an allowed change of estimator.K applies
                 self.k_control.K = int(self.cfg.estimator.K)
         if self.step >= self.max_steps:

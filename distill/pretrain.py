@@ -83,15 +83,32 @@ class TeacherModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx) -> int | None:
         return -1 if self.step >= self.max_steps else None
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # The EMA follows every optimiser step here, not in on_train_batch_end: Lightning runs the callbacks'
+        # on_train_batch_end (StepCheckpoint) before the module's, so a checkpoint written there would miss the
+        # step's EMA update, and a resumed run would lose it. global_step counts this step only once the hook
+        # returns, hence + 1 (the step number the update had before).
+        ema_update(self.ema, self.denoiser, self.cfg.optim.ema_decay, self.global_step + 1)
+
+    def flush_due(self) -> bool:
+        return self.step % self.cfg.trainer.log_every_steps == 0 or self.step >= self.max_steps
+
+    def flush_metrics(self) -> None:
+        """The window's mean loss and the learning rate, to every logger (distill.train's FlushMetrics calls this
+        before the step's checkpoint is written)."""
+        if not self._acc:
+            return
+        metrics = {"loss/denoising": sum(self._acc) / len(self._acc),
+                   "optim/lr": self.lr_schedulers().get_last_lr()[0], "train/step": self.step}
+        self._acc.clear()
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.step)
+        self.progress_postfix = {"loss": metrics["loss/denoising"]}
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.denoiser, self.cfg.optim.ema_decay, self.step)
-        if self.step % self.cfg.trainer.log_every_steps == 0 or self.step >= self.max_steps:
-            metrics = {"loss/denoising": sum(self._acc) / max(1, len(self._acc)),
-                       "optim/lr": self.lr_schedulers().get_last_lr()[0], "train/step": self.step}
-            self._acc.clear()
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.step)
-            self.progress_postfix = {"loss": metrics["loss/denoising"]}
+        if self.flush_due():
+            self.flush_metrics()  # a no-op after FlushMetrics
         if self.step >= self.max_steps:
             self.trainer.should_stop = True
 

@@ -1,5 +1,6 @@
-"""The run directory's layout: where checkpoints live and how they are named. Imports nothing heavy (no Lightning),
-so the SLURM submitter, evaluation and the callbacks share one definition."""
+"""The run directory's layout: where checkpoints live and how they are named, and the evaluation protocol's noise
+seed. Imports nothing heavy (no Lightning, no torch), so the CLI, the SLURM submitter, evaluation and the callbacks
+share one definition."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from pathlib import Path
 
 CKPT_PREFIX = "step="
 CKPT_GLOB = f"{CKPT_PREFIX}*.ckpt"
+# The noise seed of the FID protocol: `distill fid --seed`'s default and the in-loop FID's (FIDMonitor), the same
+# whatever trainer.seed a run trained with, so that fid/ema in W&B is the number `distill fid` gives and runs of
+# different training seeds are evaluated on the same noise.
+PROTOCOL_SEED = 0
 
 
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:

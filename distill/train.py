@@ -442,8 +442,8 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, progress_desc: str):
     import lightning as L
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from distill.callbacks import (AtomicCheckpointIO, SampleGrid, StepCheckpoint, StepProgressBar, StepTimer,
-                                   StopOnSignal)
+    from distill.callbacks import (AtomicCheckpointIO, FlushMetrics, SampleGrid, StepCheckpoint, StepProgressBar,
+                                   StepTimer, StopOnSignal)
 
     t = cfg.trainer
     strategy = t.strategy
@@ -452,8 +452,10 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, progress_desc: str):
     checkpoint = StepCheckpoint(run_dir / "checkpoints", t.checkpoint_every_steps, t.keep_checkpoints)
     slurm = SLURMEnvironment.detect()
     stop = StopOnSignal(checkpoint, requeue=slurm)  # installs its handlers now: signals during start-up count too
-    callbacks = [checkpoint, SampleGrid(run_dir / "samples", cfg.logging.samples_every_steps), StepTimer(),
-                 *callbacks, stop]
+    # order matters: the monitors add the step's figures, FlushMetrics writes its row, then the checkpoint (which
+    # so holds the monitors' state after the step, e.g. the best FID), then the signal check
+    callbacks = [SampleGrid(run_dir / "samples", cfg.logging.samples_every_steps), StepTimer(), *callbacks,
+                 FlushMetrics(), checkpoint, stop]
     if cfg.logging.progress_bar:
         callbacks.append(StepProgressBar(progress_desc))
     plugins = [AtomicCheckpointIO()]

@@ -268,9 +268,26 @@ def test_uniform_none_is_the_dmd2_randint_draw_number_for_number(N, K):
 
 
 def test_sample_without_a_generator_uses_the_global_rng():
+    """generator=None draws from torch's global generator: the same global seed gives the same draws, another seed
+    other draws, the draws are exactly those of an explicit generator with that seed, and the global stream
+    advances (the next global number is the one after the draws, not the first of the seed)."""
+    s = TimestepSampler(P, "uniform", "batch")
     torch.manual_seed(0)
-    t, w = TimestepSampler(P, "uniform", "batch").sample(3, 2)
-    assert t.shape == w.shape == (3, 2) and (P[t] > 0).all()
+    t0, w0 = s.sample(3, 2)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    t0_again, w0_again = s.sample(3, 2)
+    torch.manual_seed(1)
+    t1, _ = s.sample(3, 2)
+    assert t0.shape == w0.shape == (3, 2) and (P[t0] > 0).all()
+    assert torch.equal(t0, t0_again) and torch.equal(w0, w0_again)
+    assert not torch.equal(t0, t1)
+    explicit = _gen(0)
+    t_explicit, w_explicit = s.sample(3, 2, explicit)
+    assert torch.equal(t0, t_explicit) and torch.equal(w0, w_explicit)
+    assert torch.equal(after, torch.rand(1, generator=explicit))  # the global stream moved on by the draws
+    torch.manual_seed(0)
+    assert not torch.equal(after, torch.rand(1))
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -22,10 +22,20 @@ def test_dmd_grad_normaliser_is_per_draw_not_pooled():
     torch.testing.assert_close(out[1], torch.full((4,), 0.1))
 
 
-def test_dmd_grad_zeroes_non_finite_values():
+def test_dmd_grad_maps_nan_to_zero_and_inf_to_the_largest_float_as_nan_to_num():
+    """A draw whose teacher reconstruction is exact has normaliser 0. The reference (tianweiy/DMD2,
+    main/sd_guidance.py) applies torch.nan_to_num to the ratio: 0/0 = nan becomes 0, c/0 = +-inf becomes
+    +-float32 max (not 0). Such a draw then makes the surrogate loss non-finite, so the update is skipped by the
+    non-finite guard (docs/method.md §3) rather than taken with a silently zeroed gradient."""
     x = torch.zeros(1, 4)
-    out = dmd_grad(x, torch.zeros(1, 4), torch.ones(1, 4))  # normaliser 0 -> inf
-    assert torch.isfinite(out).all()
+    mu_real = torch.zeros(1, 4)  # |x - mu_real| = 0: normaliser 0
+    mu_fake = torch.tensor([[1.0, -2.0, 0.0, 0.0]])  # +inf, -inf, nan, nan before nan_to_num
+    out = dmd_grad(x, mu_real, mu_fake)
+    big = torch.finfo(torch.float32).max
+    assert torch.equal(out, torch.tensor([[big, -big, 0.0, 0.0]]))
+    assert not torch.isfinite(dmd_loss(x, out)).all()  # loss inf: the guard skips this update
+    other = dmd_grad(torch.ones(1, 4), mu_real, mu_fake)  # a draw with a normaliser of 1 is untouched
+    assert torch.equal(other, mu_fake)
 
 
 def test_surrogate_gradient_is_g_over_numel():

@@ -226,6 +226,7 @@ def test_digits_features_on_16x16_samples_stop_before_anything_is_written(tmp_pa
     from PIL import Image
 
     from distill.data import write_folder_shards
+    from distill.metrics import extractor_for, save_stats
     from distill.teachers import build_unet
 
     torch.manual_seed(0)
@@ -238,10 +239,14 @@ def test_digits_features_on_16x16_samples_stop_before_anything_is_written(tmp_pa
         for i in range(2):
             Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "src" / str(c) / f"{i}.png")
     write_folder_shards(tmp_path / "src", tmp_path / "shards", channels=1)
+    ref = tmp_path / "ref-digits.npz"  # statistics of the digits features (made for 8x8 data), as a user would have
+    a = rng.standard_normal((64, 64))
+    save_stats(ref, {"mu": rng.standard_normal(64), "sigma": a @ a.T / 64 + np.eye(64), "n": 1000,
+                     "extractor_id": extractor_for("digits").extractor_id})
     run_dir = tmp_path / "run"
     r = run_cli("fit", "--config", str(REPO / "configs/digits.yaml"), f"run.dir={run_dir}", f"teacher.path={teacher}",
                 f"data.path={tmp_path / 'shards'}", "eval.features=digits",
-                f"eval.fid_ref={REPO / 'data/digits/ref-digits.npz'}", "eval.fid_every_steps=1", "trainer.max_steps=2",
+                f"eval.fid_ref={ref}", "eval.fid_every_steps=1", "trainer.max_steps=2",
                 "data.batch_size=8", "logging.wandb=offline")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]

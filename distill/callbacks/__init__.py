@@ -3,9 +3,9 @@
 from distill.callbacks.checkpoints import (CKPT_PREFIX, AtomicCheckpointIO, StopOnSignal, StepCheckpoint,
                                            checkpoint_path, find_resume_checkpoint, list_checkpoints)
 from distill.callbacks.csv_logger import CSVLogger
-from distill.callbacks.monitors import (FIDMonitor, GradientVariance, ProposalPlot, SampleGrid, StepProgressBar,
-                                        StepTimer)
+from distill.callbacks.monitors import (FIDMonitor, FlushMetrics, GradientVariance, ProposalPlot, SampleGrid,
+                                        StepProgressBar, StepTimer)
 
 __all__ = ["CKPT_PREFIX", "AtomicCheckpointIO", "StopOnSignal", "StepCheckpoint", "checkpoint_path",
-           "find_resume_checkpoint", "list_checkpoints", "CSVLogger", "FIDMonitor", "GradientVariance",
-           "ProposalPlot", "SampleGrid", "StepProgressBar", "StepTimer"]
+           "find_resume_checkpoint", "list_checkpoints", "CSVLogger", "FIDMonitor", "FlushMetrics",
+           "GradientVariance", "ProposalPlot", "SampleGrid", "StepProgressBar", "StepTimer"]

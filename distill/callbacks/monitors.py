@@ -155,9 +155,10 @@ class GradientVariance(L.Callback):
 
 class FIDMonitor(L.Callback):
     """fid/ema and fid/raw_generator every `every` steps and at the end: each rank generates its share of the
-    samples (noise seeded by sample index, balanced labels), torchmetrics accumulates the fake features and syncs
-    them across ranks; the real side is the reference statistics (from `eval.fid_ref`, or computed once at start
-    from the training shards or the mixture). Keeps checkpoints/best.ckpt at the best fid/ema."""
+    samples on the protocol of `distill fid` (noise seeded by sample index with its default seed
+    distill.evaluate.PROTOCOL_SEED, not trainer.seed; balanced labels), torchmetrics accumulates the fake features
+    and syncs them across ranks; the real side is the reference statistics (from `eval.fid_ref`, or computed once
+    at start from the training shards or the mixture). Keeps checkpoints/best.ckpt at the best fid/ema."""
 
     def __init__(self, cfg, ckpt_dir: str | Path, pl_module):
         """Builds the extractor and the reference statistics now, so that a mismatch (an extractor that does not
@@ -218,7 +219,7 @@ class FIDMonitor(L.Callback):
 
     @torch.no_grad()
     def _evaluate(self, trainer, pl_module) -> None:
-        from distill.evaluate import generator_batches
+        from distill.evaluate import PROTOCOL_SEED, generator_batches
 
         step = pl_module.step
         if step == self._last or self.metrics is None:
@@ -234,8 +235,8 @@ class FIDMonitor(L.Callback):
         for name, model in (("ema", pl_module.ema), ("raw_generator", pl_module.generator)):
             metric = self.metrics[name]
             metric.reset()  # keeps the real side (reset_real_features=False)
-            for batch in generator_batches(model, shape, num_classes, share[rank], e.fid_batch_size,
-                                           self.cfg.trainer.seed, pl_module.device, start=start):
+            for batch in generator_batches(model, shape, num_classes, share[rank], e.fid_batch_size, PROTOCOL_SEED,
+                                           pl_module.device, start=start):
                 metric.update(batch, real=False)
             out[f"fid/{name}"] = float(metric.compute())
         out["fid/num_samples"] = float(e.fid_num_samples)
@@ -268,3 +269,13 @@ class StepTimer(L.Callback):
         if self._t0 is not None and hasattr(pl_module, "accumulate"):
             dt = time.perf_counter() - self._t0
             pl_module.accumulate({"time/step_seconds": dt})
+
+
+class FlushMetrics(L.Callback):
+    """Writes the step's metrics row before the step's checkpoint (the callback after this one), so that a kill
+    between the two cannot leave a checkpoint whose metrics row was never written: a resume starts after that step
+    and would never write it."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if hasattr(pl_module, "flush_due") and pl_module.flush_due():
+            pl_module.flush_metrics()

@@ -1,0 +1,246 @@
+"""Mutation check: each promise the README makes has a test that fails when the code breaks it.
+
+Every entry of MUTANTS is one behavioural mutation of the package (an exact text replacement in one file, the kind
+of one-line slip a refactor makes) and the tests that must catch it. For each, the repository's files are copied to
+a scratch folder once, the mutation is applied there (the working tree is never touched), the named tests run with
+that copy first on PYTHONPATH (in-process imports and `python -m distill` subprocesses alike), and the mutant counts
+as killed only if pytest reports failing tests (exit status 1). A mutant that survives, a replacement whose text is
+not found exactly once (the list went stale), or tests that error out fail the whole check.
+
+    make mutants                               # every mutant (CI runs this after the suite)
+    python tests/mutants.py --list             # the list: name, promise, file, killing tests
+    python tests/mutants.py --only ema-on-skip --json mutants.json
+
+Not a test module (the name does not start with test_): pytest never collects it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    promise: str  # what the mutation breaks, in the README's words
+    path: str  # file, relative to the repository root
+    old: str  # exact text; must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids (or files) that must fail on the mutant
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    # --- the DMD2 gradient, guidance, the two time scales, the EMA (README "Concepts")
+    Mutant("dmd-normaliser-pooled", "the DMD normaliser is per draw", "distill/losses.py",
+           "normaliser = (x - mu_real).abs().mean(dim=_sample_dims(x), keepdim=True)",
+           "normaliser = (x - mu_real).abs().mean()",
+           ("tests/test_losses.py::test_dmd_grad_normaliser_is_per_draw_not_pooled",)),
+    Mutant("cfg-formula", "classifier-free guidance uncond + s (cond - uncond)", "distill/teachers.py",
+           "return uncond + guidance_scale * (cond - uncond)", "return cond + guidance_scale * (cond - uncond)",
+           ("tests/test_teachers.py::test_classifier_free_guidance_is_one_batched_call_of_the_formula",)),
+    Mutant("ttur-ignored", "the generator is updated every optim.ttur steps, the fake score every step",
+           "distill/module.py", "update_generator = self.step % self.cfg.optim.ttur == 0", "update_generator = True",
+           ("tests/test_wiring_module.py::test_generator_every_ttur_steps_and_fake_score_every_step",)),
+    Mutant("ema-no-warm-up", "the generator's EMA with its warm-up", "distill/teachers.py",
+           "d = min(decay, (1 + step) / (10 + step))\n", "d = decay\n",
+           ("tests/test_wiring_module.py::test_ema_update_follows_the_warm_up_formula",)),
+    Mutant("noise-ignores-step", "every step draws new noise; a resumed run draws what the uninterrupted one would",
+           "distill/module.py", "entropy = [self.cfg.trainer.seed, rank, self.step]",
+           "entropy = [self.cfg.trainer.seed, rank, 0]",
+           ("tests/test_wiring_module.py::test_every_step_draws_new_noise_and_the_same_step_the_same",)),
+    # --- CARV inside the module (issue 11's table and README "CARV: the estimator")
+    Mutant("weights-dropped", "g_bar = (1/K) sum_k w(t_nk) g: unbiased for any proposal", "distill/carv/controller.py",
+           "return (w * y).mean(dim=1)", "return y.mean(dim=1)",
+           ("tests/test_carv_module.py::test_importance_weighted_estimate_is_unbiased_with_a_proposal_far_from_p",
+            "tests/test_wiring_carv.py::test_training_step_applies_the_importance_weighted_mean_of_its_own_draws")),
+    Mutant("split-half-half-k", "the split-half (sigma_b^2, sigma_w^2) behind K auto and the ECM figures",
+           "distill/carv/diagnostics.py", "sigma_b2, sigma_w2 = split_half(*flat, N=N, K=Kd)",
+           "sigma_b2, sigma_w2 = split_half(*flat, N=N, K=Kd // 2)",
+           ("tests/test_wiring_carv.py::test_logged_variance_and_cost_figures_equal_an_independent_computation",)),
+    Mutant("k-jumps", "K moves at most 2x per choice", "distill/carv/controller.py",
+           "self.K = min(max(target, math.ceil(self.K / MAX_STEP)), self.K * MAX_STEP, k_max)",
+           "self.K = min(target, k_max)",
+           ("tests/test_wiring_carv.py::test_k_auto_follows_the_measured_figures_and_the_configured_cost",)),
+    Mutant("cost-time-ignored", "estimator.cost=time prices c_u and c_i in measured seconds", "distill/module.py",
+           'key = "seconds" if self.cfg.estimator.cost == "time" else "flops"', 'key = "flops"',
+           ("tests/test_wiring_carv.py::test_k_auto_follows_the_measured_figures_and_the_configured_cost",)),
+    Mutant("ecm-of-zero-variance", "a teacher-initialised fake score (no variance yet) does not crash the diagnostic",
+           "distill/module.py", "if self.costs and sb2 + sw2 > 0:", "if self.costs:",
+           ("tests/test_wiring_carv.py::test_a_diagnostic_that_measures_no_variance_logs_no_ecm_and_training_goes_on",)),
+    # --- ranks and skipped updates (issue 11's table)
+    Mutant("noise-ignores-rank", "ranks draw different noise: the global batch is the union of the ranks' draws",
+           "distill/module.py", "rank = self.global_rank if rank_specific else 2**31 - 1",
+           "rank = 0 if rank_specific else 2**31 - 1",
+           ("tests/test_wiring_steps.py::test_step_noise_is_a_function_of_seed_rank_and_step",)),
+    Mutant("ema-on-skipped-update", "a skipped (non-finite) update moves no EMA", "distill/module.py",
+           "self._ema_update(stepped)", "self._ema_update(torch.ones_like(stepped))",
+           ("tests/test_wiring_steps.py::test_a_non_finite_update_changes_nothing",)),
+    Mutant("proposal-on-skipped-update", "a skipped (non-finite) update feeds no proposal statistics",
+           "distill/module.py", "self.sampler.record(t, sq_norm, taken)", "self.sampler.record(t, sq_norm)",
+           ("tests/test_wiring_steps.py::test_a_non_finite_update_changes_nothing",)),
+    Mutant("health-forgotten-on-resume", "a resumed run still names the step of the last skipped update",
+           "distill/module.py", "last[0] if last else 0]", "0]",
+           ("tests/test_wiring_module.py::test_health_counters_survive_a_checkpoint_round_trip",)),
+    # --- evaluation, teachers, checkpoints in a real run
+    Mutant("fid-real-mean-term", "in-loop fid/ema equals `distill fid` on the same checkpoint",
+           "distill/callbacks/monitors.py",
+           "metric.real_features_cov_sum = sigma * (n - 1) + n * torch.outer(mu, mu)",
+           "metric.real_features_cov_sum = sigma * (n - 1)",
+           ("tests/test_wiring_eval.py::test_in_loop_fid_equals_distill_fid_on_the_same_checkpoint",)),
+    Mutant("fid-monitor-own-seed", "in-loop fid/ema uses distill fid's protocol (its noise seed included)",
+           "distill/callbacks/monitors.py", "e.fid_batch_size, PROTOCOL_SEED,", "e.fid_batch_size, self.cfg.trainer.seed,",
+           ("tests/test_wiring_eval.py::test_in_loop_fid_equals_distill_fid_on_the_same_checkpoint",)),
+    Mutant("guidance-not-applied", "teacher.guidance_scale > 1 distils the guided teacher", "distill/module.py",
+           "mu_real = self.teacher(x_t, t_flat[sl], lab, guidance_scale=self.cfg.teacher.guidance_scale)",
+           "mu_real = self.teacher(x_t, t_flat[sl], lab)",
+           ("tests/test_wiring_eval.py::test_guided_training_uses_uncond_plus_s_times_cond_minus_uncond",)),
+    Mutant("edm-sigma-data-ignored", "an EDM teacher is preconditioned with its own sigma_data", "distill/teachers.py",
+           'sigma_data=float(sched_config.get("sigma_data", 0.5)))', "sigma_data=0.5)",
+           ("tests/test_wiring_eval.py::test_an_edm_teacher_is_preconditioned_as_diffusers_and_trains",)),
+    Mutant("checkpoint-io-unplugged", "the Trainer writes checkpoints atomically (a full disk keeps the previous one)",
+           "distill/train.py", "plugins = [AtomicCheckpointIO()]", "plugins = []",
+           ("tests/test_wiring_eval.py::test_a_full_disk_in_a_real_run_keeps_the_previous_checkpoint_and_says_so",)),
+    Mutant("metrics-row-after-checkpoint", "a kill right after a checkpoint loses no metrics row", "distill/train.py",
+           "FlushMetrics(), checkpoint, stop]", "checkpoint, FlushMetrics(), stop]",
+           ("tests/test_wiring_eval.py::test_a_kill_right_after_a_checkpoint_loses_no_metrics_row",)),
+    Mutant("teacher-saves-raw-weights", "`distill teacher` saves its EMA as the diffusers folder", "distill/pretrain.py",
+           'self.ema.net.unet.save_pretrained(out / "unet")', 'self.denoiser.net.unet.save_pretrained(out / "unet")',
+           ("tests/test_commands.py::test_distill_teacher_saves_its_ema_as_a_diffusers_folder_that_fit_uses",)),
+    # --- data
+    Mutant("workers-share-a-stream", "each (rank, worker) streams its own reproducible order", "distill/data.py",
+           "seed = wds.utils.make_seed(self.seed, rank, worker)", "seed = wds.utils.make_seed(self.seed)",
+           ("tests/test_ddp.py::test_each_rank_and_worker_streams_its_own_reproducible_order",)),
+    Mutant("eval-split-read-twice", "the evaluation split is read once across ranks", "distill/data.py",
+           "split_stages = [] if every_rank else [wds.split_by_node, wds.split_by_worker]",
+           "split_stages = [] if every_rank else [wds.split_by_worker]",
+           ("tests/test_ddp.py::test_evaluation_split_is_read_once_across_ranks",)),
+    # --- CARV's sampler and FID's arithmetic
+    Mutant("strata-iid", "per-sample stratification: u_k = (k + U_k) / K", "distill/carv/sampler.py",
+           "return (k + torch.rand(N, K, **kw)) / K", "return torch.rand(N, K, **kw) + 0 * k",
+           ("tests/test_carv_sampler.py::test_strata_cover_the_support_exactly_once",)),
+    Mutant("frechet-cross-term", "the Frechet distance ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^1/2",
+           "distill/metrics.py", "- 2.0 * tr_sqrt", "- tr_sqrt",
+           ("tests/test_metrics.py::test_fd_commuting_covariances_closed_form",)),
+    # --- runs: resume, signals, atomic checkpoints, skipped updates, evaluation cache
+    Mutant("resume-takes-any-change", "a changed math key on resume is refused unless allowed", "distill/train.py",
+           "refused = [k for k in changed if not k.startswith(FREE_KEYS)",
+           "refused = [k for k in () if not k.startswith(FREE_KEYS)",
+           ("tests/test_runs.py::test_a_changed_math_key_is_refused_unless_allowed_then_applied_and_recorded",)),
+    Mutant("sigterm-succeeds", "SIGTERM stops at a step with its checkpoint and exit status 143", "distill/train.py",
+           "EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}",
+           "EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}",
+           ("tests/test_runs.py::test_sigterm_and_sigint_stop_at_a_step_with_its_checkpoint_and_a_failure_status",)),
+    Mutant("checkpoint-written-in-place", "atomic checkpoints: a kill mid-write leaves the previous one",
+           "distill/callbacks/checkpoints.py", 'tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")',
+           "tmp = path", ("tests/test_faults.py::test_a_kill_during_the_write_leaves_the_previous_checkpoint",)),
+    Mutant("nonfinite-stepped", "an update with a non-finite loss or gradient is skipped", "distill/module.py",
+           "optimizer.found_inf = 1.0 - finite", "optimizer.found_inf = 0.0 * finite",
+           ("tests/test_faults.py::test_non_finite_updates_are_skipped_counted_and_stop_the_run",)),
+    Mutant("fid-cache-ignores-reference", "distill fid reuses a result only for the same reference, seed and protocol",
+           "distill/evaluate.py",
+           'CACHE_KEY = ("path", "model", "samples", "extractor", "ref_sha", "seed", "teacher_steps", "guidance")',
+           'CACHE_KEY = ("path", "model", "samples", "extractor", "teacher_steps", "guidance")',
+           ("tests/test_fid_cli.py::test_results_are_keyed_on_reference_content_seed_and_protocol",)),
+)
+
+
+def _files() -> list[str]:
+    """The repository's files as a fresh clone has them, plus new files not yet committed (never ignored ones)."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    return [f for f in out.split("\0") if f and (REPO / f).is_file()]
+
+
+def _copy(dest: Path) -> None:
+    for f in _files():
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, dest / f)
+
+
+def check_text(m: Mutant) -> str | None:
+    """None if the replacement applies exactly once, else what is wrong."""
+    text = (REPO / m.path).read_text()
+    n = text.count(m.old)
+    if n != 1:
+        return f"{m.path}: the text to replace occurs {n} times, expected exactly once (the list is stale)"
+    if m.old == m.new:
+        return "the replacement changes nothing"
+    return None
+
+
+def run_mutant(m: Mutant, copy: Path, timeout: float) -> dict:
+    problem = check_text(m)
+    if problem is not None:
+        return {"name": m.name, "status": "stale", "detail": problem, "seconds": 0.0}
+    target = copy / m.path
+    original = target.read_text()
+    target.write_text(original.replace(m.old, m.new, 1))
+    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slurm", *m.tests]
+    start = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        code, tail = r.returncode, (r.stdout + r.stderr).strip().splitlines()[-3:]
+    except subprocess.TimeoutExpired:
+        code, tail = None, [f"timed out after {timeout:.0f} s"]
+    finally:
+        target.write_text(original)
+    seconds = time.perf_counter() - start
+    # pytest: 0 all passed, 1 some failed, 2 interrupted, 3 internal error, 4 usage error, 5 nothing collected
+    status = {0: "survived", 1: "killed"}.get(code, "error")
+    return {"name": m.name, "status": status, "exit": code, "seconds": round(seconds, 1), "detail": " | ".join(tail)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--list", action="store_true", help="print the mutants and their killing tests, run nothing")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per mutant before it counts as an error [600]")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MUTANTS}
+    if unknown:
+        print(f"mutants: unknown name(s) {', '.join(sorted(unknown))}; expected one of "
+              f"{', '.join(m.name for m in MUTANTS)}", file=sys.stderr)
+        return 2
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}\n  breaks:  {m.promise}\n  in:      {m.path}\n  killed by: {' '.join(m.tests)}")
+        return 0
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="distill-mutants-") as tmp:
+        copy = Path(tmp)
+        _copy(copy)
+        print(f"{len(chosen)} mutants, each against its tests, on a copy in {copy}", flush=True)
+        for i, m in enumerate(chosen, 1):
+            r = run_mutant(m, copy, args.timeout)
+            results.append(r)
+            print(f"[{i:2d}/{len(chosen)}] {r['status']:8s} {r['seconds']:7.1f} s  {m.name}", flush=True)
+            if r["status"] != "killed":
+                print(f"           {r['detail']}", flush=True)
+    killed = sum(r["status"] == "killed" for r in results)
+    print(f"\n{killed} of {len(results)} mutants killed"
+          + ("" if killed == len(results) else f"; not killed: "
+             f"{', '.join(r['name'] + ' (' + r['status'] + ')' for r in results if r['status'] != 'killed')}"))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "killed": killed, "total": len(results)},
+                                              indent=2) + "\n")
+    return 0 if killed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
