@@ -131,13 +131,11 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
     N -= N % 2
     params = [p for p in module.generator.parameters() if p.requires_grad]
     shape = module.sample_shape()
-    num_classes = getattr(module.teacher, "num_classes", None)
 
     def outer(r: int):
         gen = torch.Generator(device=dev).manual_seed(10_000 + r)
         z = torch.randn((N, *shape), generator=gen, device=dev)
-        labels = (torch.randint(0, num_classes, (N,), generator=gen, device=dev) if num_classes else None)
-        return z, labels
+        return z, module.sample_condition(N, gen, host_rng=torch.Generator().manual_seed(10_000 + r))
 
     costs = module.measure_costs(N, outer(0)[1])
     c_u, c_i = costs["upstream_flops"], costs["inner_flops"]
@@ -146,9 +144,9 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
     sb, sw = [], []
     for r in range(diagnostic_rounds):
         module.step = 1_000_000 + r  # the diagnostic's own noise stream
-        z, labels = outer(50_000 + r)
-        x = module.generator(z, labels)
-        out = module._split_half_diagnostic(x, labels)
+        z, cond = outer(50_000 + r)
+        x = module.generator(z, cond)
+        out = module._split_half_diagnostic(x, cond)
         sb.append(out["carv/sigma_b2_raw"])
         sw.append(out["carv/sigma_w2_raw"])
     sigma_b2, sigma_w2 = max(sum(sb) / len(sb), 0.0), max(sum(sw) / len(sw), 0.0)
@@ -166,13 +164,13 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
         module.sampler = sampler
         if proposal == "adaptive":  # learnt from pilot draws at this state, then frozen: never from its own draws
             for r in range(pilot_rounds):
-                z, labels = outer(90_000 + r)
+                z, cond = outer(90_000 + r)
                 gen = torch.Generator(device=dev).manual_seed(90_000 + r)
                 with torch.no_grad():
-                    x = module.generator(z, labels)
+                    x = module.generator(z, cond)
                     t, _ = sampler.sample(N, 16, generator=gen, device=dev, stratify="none")
                     eps = torch.randn((N * 16, *shape), generator=gen, device=dev)
-                    g = module._integrand(x, labels, t, eps)
+                    g = module._integrand(x, cond, t, eps)
                 sampler.record(t, g.pow(2).flatten(2).sum(-1))
                 sampler.update()  # the first update (warmup=1) builds q from the pilot records; later ones fold in
             sampler.freeze()
@@ -184,16 +182,16 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
 
             bar = tqdm(total=replicates, desc=f"{name:>26}", unit="rep", leave=False)
         for r in range(replicates):
-            z, labels = outer(r)
+            z, cond = outer(r)
             gen = torch.Generator(device=dev).manual_seed(20_000 + r)
             t0 = time.perf_counter()
-            x = module.generator(z, labels)
+            x = module.generator(z, cond)
             b0 = time.perf_counter()
             t, w = sampler.sample(N, K, generator=gen, device=dev)
             book += time.perf_counter() - b0
             eps = torch.randn((N * K, *shape), generator=gen, device=dev)
             with torch.no_grad():
-                g = module._integrand(x.detach(), labels, t, eps)
+                g = module._integrand(x.detach(), cond, t, eps)
                 b0 = time.perf_counter()
                 g_bar = weighted_mean(g, w)
                 sampler.record(t, g.pow(2).flatten(2).sum(-1))  # bookkeeping as in training (not applied: frozen q)

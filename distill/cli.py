@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
               distill fit --config configs/gmm.yaml
               distill bench variance --config configs/gmm.yaml --json bench.json
               distill submit --config configs/digits.yaml --ntasks-per-node 4 --gpus-per-node 4 --time 04:00:00
+              distill export runs/my-run --out students/my-run
             Run `distill COMMAND --help` for every option of a command."""))
     from distill import __version__
 
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, schema, summary in (
         ("fit", "FitConfig", "distil a teacher into a one-step generator (DMD2); re-running resumes"),
-        ("teacher", "TeacherTrainConfig", "train a small class-conditional diffusers UNet teacher on shards"),
+        ("teacher", "TeacherTrainConfig", "train a small diffusers teacher on shards: a class-conditional UNet "
+                                          "(kind unet), or a latent text-to-image Stable Diffusion pipeline (kind t2i)"),
     ):
         sp = sub.add_parser(name, help=summary, description=summary + ".", formatter_class=_Formatter,
                             epilog=_config_help(schema))
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     from distill.slurm import add_submit_parser
 
     add_submit_parser(sub, _Formatter)
+    from distill.export import add_export_parser
+
+    add_export_parser(sub, _Formatter)
 
     cl = sub.add_parser("classifier", help="train the small digits classifier used as the digits FID feature",
                         formatter_class=_Formatter)
@@ -140,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--steps", type=int, default=2000, help="training steps [2000]")
     cl.add_argument("--seed", type=int, default=0, help="seed [0]")
 
-    data = sub.add_parser("data", help="write webdataset shards (digits, or a folder of images)",
+    data = sub.add_parser("data", help="write webdataset shards (digits, images, prompts, captioned images)",
                           description="Write webdataset tar shards: train-*.tar, val-*.tar and meta.json.",
                           formatter_class=_Formatter)
     dsub = data.add_subparsers(dest="data_command", metavar="SOURCE", required=True)
@@ -151,11 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
     f = dsub.add_parser("shards", help="a folder of images in class subfolders (PNG/JPEG)", formatter_class=_Formatter,
                         description="SRC/<class name>/*.png|jpg: the class index is the position of the sorted name.")
     f.add_argument("--src", required=True, metavar="FOLDER", help="folder with one subfolder per class")
-    f.add_argument("--out", required=True, metavar="DIR", help="output folder (must hold no shards yet)")
-    f.add_argument("--channels", type=int, default=3, choices=(1, 3), help="1 (grayscale) or 3 (RGB) [3]")
-    f.add_argument("--resolution", type=int, default=None, metavar="R",
-                   help="resize to R x R (bicubic); default: keep the size (all images must match)")
-    _shard_options(f)
+    pr = dsub.add_parser(
+        "prompts", help="a text file with one prompt per line (the data of a text-to-image teacher)",
+        formatter_class=_Formatter,
+        description=textwrap.fill(
+            "SRC: UTF-8 text (a byte-order mark is fine), one prompt per line, surrounding whitespace stripped; "
+            "blank lines are skipped and counted. Writes samples <key>.txt, the key line-<n> naming the prompt's "
+            "line in SRC. Bad input (a missing or empty file, no prompt, bytes that are not UTF-8) stops it with one "
+            "line naming the file and the line.", 108))
+    pr.add_argument("--src", required=True, metavar="FILE.txt", help="the prompt file")
+    c = dsub.add_parser(
+        "captions", help="images with a caption beside each (x.png + x.txt)", formatter_class=_Formatter,
+        description=textwrap.fill(
+            "SRC/x.png|jpg|jpeg with SRC/x.txt (the same stem; subfolders are not searched) -> samples <key>.png + "
+            "<key>.txt. An image without its caption, a caption without its image, an unreadable image and a blank "
+            "or non-UTF-8 caption are skipped, each named on stderr and counted in meta.json.", 108))
+    c.add_argument("--src", required=True, metavar="FOLDER", help="folder of images and their .txt captions")
+    for sp in (f, pr, c):  # each has its --src; what they share
+        sp.add_argument("--out", required=True, metavar="DIR", help="output folder (must hold no shards yet)")
+        if sp is not pr:
+            sp.add_argument("--channels", type=int, default=3, choices=(1, 3), help="1 (grayscale) or 3 (RGB) [3]")
+            sp.add_argument("--resolution", type=int, default=None, metavar="R",
+                            help="resize to R x R (bicubic); default: keep the size (all images must match)")
+        _shard_options(sp)
     return p
 
 
@@ -202,17 +225,34 @@ def _allowed(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from distill.data import write_digits_shards, write_folder_shards
+    from distill import data
 
     if not 0 < args.val_fraction < 1:
         raise DistillError(f"--val-fraction {args.val_fraction}: expected a fraction in (0, 1)")
     if args.shard_size < 1:
         raise DistillError(f"--shard-size {args.shard_size}: expected an integer >= 1")
+    split = dict(val_fraction=args.val_fraction, seed=args.seed, shard_size=args.shard_size)
+    if args.data_command == "prompts":
+        meta = data.write_prompt_shards(args.src, args.out, **split)
+        print(f"wrote {meta['train']} train and {meta['val']} val prompts to {args.out}; skipped "
+              f"{meta['skipped_blank']} blank lines of {args.src}")
+        return 0
+    if args.data_command == "captions":
+        meta = data.write_caption_shards(args.src, args.out, channels=args.channels, resolution=args.resolution,
+                                         **split)
+        print(f"wrote {meta['train']} train and {meta['val']} val image-caption pairs ({meta['channels']}x"
+              f"{meta['resolution'][0]}x{meta['resolution'][1]}) to {args.out}")
+        no_caption, no_image, bad_images, bad_captions = (meta[key] for key in (
+            "images_without_caption", "captions_without_image", "skipped_images", "skipped_captions"))
+        if no_caption or no_image or bad_images or bad_captions:
+            print(f"skipped {no_caption} images without a caption, {no_image} captions without an image, {bad_images} "
+                  f"unreadable images and {bad_captions} blank or unreadable captions (each named on stderr; counted "
+                  f"in {args.out}/meta.json)")
+        return 0
     if args.data_command == "digits":
-        meta = write_digits_shards(args.out, args.val_fraction, args.seed, args.shard_size)
+        meta = data.write_digits_shards(args.out, **split)
     else:
-        meta = write_folder_shards(args.src, args.out, channels=args.channels, resolution=args.resolution,
-                                   val_fraction=args.val_fraction, seed=args.seed, shard_size=args.shard_size)
+        meta = data.write_folder_shards(args.src, args.out, channels=args.channels, resolution=args.resolution, **split)
     print(f"wrote {meta['train']} train and {meta['val']} val samples ({meta['num_classes']} classes, "
           f"{meta['channels']}x{meta['resolution'][0]}x{meta['resolution'][1]}) to {args.out}")
     if meta.get("skipped_images") or meta.get("skipped_classes"):
@@ -275,8 +315,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return submit(args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from distill.export import cmd_export as export
+
+    return export(args)
+
+
 COMMANDS = {"fit": cmd_fit, "teacher": cmd_teacher, "data": cmd_data, "bench": cmd_bench, "stats": cmd_stats,
-            "fid": cmd_fid, "classifier": cmd_classifier, "submit": cmd_submit}
+            "fid": cmd_fid, "classifier": cmd_classifier, "submit": cmd_submit, "export": cmd_export}
 
 
 def _quiet_known_noise() -> None:

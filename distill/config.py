@@ -57,7 +57,9 @@ class RunConfig:
 class DataConfig:
     """Training data: webdataset shards (real data) or none (the exact mixture teacher draws its own)."""
 
-    path: Optional[str] = _f("data/digits", "folder of train-*.tar shards with meta.json; null for gmm")
+    path: Optional[str] = _f("data/digits", "folder of train-*.tar shards with meta.json: images for a class "
+                                            "teacher, prompts (`distill data prompts`) for a text-to-image teacher; "
+                                            "null for gmm")
     batch_size: int = _f(64, "global batch size (generator samples per step, summed over devices)")
     num_workers: int = _f(0, "data loader worker processes per device")
     shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer")
@@ -99,6 +101,8 @@ class TrainerConfig:
         _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
         _check(self.log_every_steps >= 1, "trainer.log_every_steps", "an integer >= 1", self.log_every_steps)
         _check(self.max_nonfinite >= 1, "trainer.max_nonfinite", "an integer >= 1", self.max_nonfinite)
+        _check(not (self.strategy.startswith("fsdp") and self.accelerator == "cpu"), "trainer.strategy",
+               "a strategy other than fsdp with trainer.accelerator=cpu (Lightning's FSDP needs GPUs)", self.strategy)
 
 
 @dataclass
@@ -108,7 +112,9 @@ class LoggingConfig:
     wandb: str = _f("offline", "offline (files in the run directory) | online (needs a W&B key) | disabled")
     project: str = _f("distill", "W&B project")
     samples_every_steps: int = _f(100, "write a sample grid PNG every this many steps (0: only at the end)")
-    samples_per_class: int = _f(8, "columns of the sample grid (one row per class)")
+    samples_per_class: int = _f(8, "columns of the sample grid (one row per class, or per prompt)")
+    sample_prompts: list[str] = _f([], "text-to-image teachers: the prompts of the sample grid's rows (empty: up to "
+                                       "10 spread over the prompt set)", "a list of prompts such as ['a cat']")
     proposal_plot_every_steps: int = _f(500, "plot the timestep proposal q(t) to plots/ every this many steps "
                                              "(0: never)")
     progress_bar: bool = _f(True, "show a progress bar")
@@ -129,11 +135,17 @@ class LoggingConfig:
 
 @dataclass
 class TeacherConfig:
-    """The frozen teacher: a diffusers UNet folder, or the exact 2-D Gaussian mixture."""
+    """The frozen teacher: a diffusers UNet folder, a Stable Diffusion pipeline folder, or the exact 2-D mixture."""
 
-    kind: str = _f("diffusers", "diffusers (a UNet2DModel folder) | gmm (exact Gaussian-mixture denoiser)")
-    path: Optional[str] = _f("data/teachers/digits", "teacher folder (unet/ and scheduler/, or one model folder)")
-    guidance_scale: float = _f(1.0, "classifier-free guidance scale s: D_u + s (D_c - D_u); 1 = no guidance")
+    kind: str = _f("diffusers", "diffusers (a UNet2DModel folder, or a StableDiffusion / StableDiffusionXL pipeline "
+                                "folder with model_index.json) | gmm (exact Gaussian-mixture denoiser)")
+    path: Optional[str] = _f("data/teachers/digits", "teacher folder (unet/ and scheduler/, one model folder, or a "
+                                                     "pipeline folder)")
+    guidance_scale: float = _f(1.0, "classifier-free guidance scale s of the real score: D_u + s (D_c - D_u), one "
+                                    "batched call; 1 = no guidance; the fake score is never guided (DMD2: 1.75 for "
+                                    "SD 1.5, 8 for SDXL)")
+    dtype: str = _f("auto", "dtype of the frozen parts (teacher UNet, text encoders, VAE): auto (bfloat16 on a GPU, "
+                            "float32 on the CPU) | float32 | bfloat16 | float16; the trained copies stay float32")
     gmm_modes: int = _f(8, "gmm: number of equal-weight modes, evenly spaced on a circle")
     gmm_radius: float = _f(2.0, "gmm: radius of that circle")
     gmm_std: float = _f(0.1, "gmm: standard deviation of each mode")
@@ -141,6 +153,8 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         _check(self.kind in ("diffusers", "gmm"), "teacher.kind", "one of diffusers, gmm", self.kind)
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "teacher.dtype",
+               "one of auto, float32, bfloat16, float16", self.dtype)
         _check(_finite(self.guidance_scale) and self.guidance_scale >= 0, "teacher.guidance_scale",
                "a finite number >= 0", self.guidance_scale)
         _check(self.gmm_modes >= 1, "teacher.gmm_modes", "an integer >= 1", self.gmm_modes)
@@ -157,11 +171,20 @@ class GeneratorConfig:
     init: str = _f("teacher", "teacher (copy the teacher's network) | mlp (a fresh MLP, for 2-D teachers)")
     t_init: Optional[int] = _f(None, "time index the generator is evaluated at (default: the last, T-1)")
     ema_decay: float = _f(0.999, "EMA decay of the generator copy used for samples")
+    lora_rank: int = _f(0, "LoRA rank of the generator (peft adapters on attention, feed-forward, convolutions and "
+                           "the time-embedding projection; only they train and are saved); 0: a full copy (DMD2: 64 "
+                           "for SDXL)")
+    lora_alpha: float = _f(8.0, "LoRA alpha (scale alpha / rank; DMD2: 8)")
+    gradient_checkpointing: bool = _f(False, "recompute the generator UNet's activations in the backward pass "
+                                             "instead of storing them (less memory, more compute)")
     mlp_hidden: int = _f(128, "mlp: hidden width")
     mlp_depth: int = _f(3, "mlp: hidden layers")
 
     def __post_init__(self) -> None:
         _check(self.init in ("teacher", "mlp"), "generator.init", "one of teacher, mlp", self.init)
+        _check(self.lora_rank >= 0, "generator.lora_rank", "an integer >= 0", self.lora_rank)
+        _check(_finite(self.lora_alpha) and self.lora_alpha > 0, "generator.lora_alpha", "a finite number > 0",
+               self.lora_alpha)
         # the upper bound, the teacher's T, is checked where the teacher is known (OneStepGenerator)
         _check(self.t_init is None or self.t_init >= 0, "generator.t_init",
                "an integer >= 0 (or null: the last index, T-1)", self.t_init)
@@ -176,11 +199,19 @@ class FakeScoreConfig:
     """The online fake-score network mu_fake, trained on the generator's samples."""
 
     init: str = _f("teacher", "teacher (copy the teacher's network) | mlp (a fresh MLP, for 2-D teachers)")
+    lora_rank: int = _f(0, "LoRA rank of the fake score (only the adapters train and are saved); 0: a full copy "
+                           "(DMD2 trains a full copy)")
+    lora_alpha: float = _f(8.0, "LoRA alpha (scale alpha / rank)")
+    gradient_checkpointing: bool = _f(False, "recompute the fake score UNet's activations in the backward pass "
+                                             "instead of storing them (less memory, more compute)")
     mlp_hidden: int = _f(128, "mlp: hidden width")
     mlp_depth: int = _f(3, "mlp: hidden layers")
 
     def __post_init__(self) -> None:
         _check(self.init in ("teacher", "mlp"), "fake_score.init", "one of teacher, mlp", self.init)
+        _check(self.lora_rank >= 0, "fake_score.lora_rank", "an integer >= 0", self.lora_rank)
+        _check(_finite(self.lora_alpha) and self.lora_alpha > 0, "fake_score.lora_alpha", "a finite number > 0",
+               self.lora_alpha)
         _check(self.mlp_hidden >= 1, "fake_score.mlp_hidden", "an integer >= 1", self.mlp_hidden)
         _check(self.mlp_depth >= 1, "fake_score.mlp_depth", "an integer >= 1", self.mlp_depth)
 
@@ -269,7 +300,9 @@ class OptimConfig:
                             "a list of two numbers such as [0.0, 0.999]")
     weight_decay: float = _f(0.01, "AdamW weight decay (both networks)")
     grad_clip: float = _f(10.0, "gradient-norm clip (both networks; 0: off)")
-    ttur: int = _f(5, "the generator is updated every ttur steps, the fake score every step (DMD2: 5)")
+    ttur: int = _f(5, "the generator is updated every ttur steps, the fake score every step (DMD2: 5; SD: 10)")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up over this many training steps, both networks (DMD2's "
+                              "SD recipe: 500); 0: the full rate from the start")
 
     def __post_init__(self) -> None:
         _check(_finite(self.lr_generator) and self.lr_generator > 0, "optim.lr_generator", "a finite number > 0",
@@ -283,6 +316,7 @@ class OptimConfig:
         _check(_finite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip", "a finite number >= 0",
                self.grad_clip)
         _check(self.ttur >= 1, "optim.ttur", "an integer >= 1", self.ttur)
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
 
 
 @dataclass
@@ -300,6 +334,12 @@ class EvalConfig:
                                       "default: computed at start from data.path's train split (or the mixture)")
     variance_every_steps: int = _f(0, "gradient variance of the estimator vs the baseline at equal compute, every "
                                       "this many steps (0: off)")
+    image_size: Optional[int] = _f(None, "bring evaluated images (decoded, for a latent teacher) to this size by area "
+                                         "averaging before the features (the text-to-image digits config: 8, the "
+                                         "digits classifier's input); null: as they are")
+    prompt_accuracy: bool = _f(False, "with digits features: also the share of samples the digits classifier reads "
+                                      "as the digit their prompt names ('a handwritten <zero..nine>'), logged as "
+                                      "prompt/accuracy_ema and written by distill fid")
 
     def __post_init__(self) -> None:
         _check(self.fid_every_steps >= 0, "eval.fid_every_steps", "an integer >= 0", self.fid_every_steps)
@@ -309,6 +349,10 @@ class EvalConfig:
                self.features)
         _check(self.variance_every_steps >= 0, "eval.variance_every_steps", "an integer >= 0",
                self.variance_every_steps)
+        _check(self.image_size is None or self.image_size >= 1, "eval.image_size", "an integer >= 1 or null",
+               self.image_size)
+        _check(not self.prompt_accuracy or self.features == "digits", "eval.prompt_accuracy",
+               "false unless eval.features is digits (the digits classifier reads the samples)", self.prompt_accuracy)
 
 
 @dataclass
@@ -332,7 +376,8 @@ class FitConfig:
         t = self.teacher
         if t.kind == "diffusers":
             _check(t.path is not None, "teacher.path", "a teacher folder", t.path)
-            _check_dir(t.path, "teacher.path", "a diffusers teacher folder (unet/ and scheduler/)")
+            _check_dir(t.path, "teacher.path", "a diffusers teacher folder (unet/ and scheduler/, or a Stable "
+                       "Diffusion pipeline folder with model_index.json)")
             _check(self.generator.init == "teacher", "generator.init", "teacher for a diffusers teacher",
                    self.generator.init)
             _check(self.fake_score.init == "teacher", "fake_score.init", "teacher for a diffusers teacher",
@@ -342,6 +387,9 @@ class FitConfig:
         else:
             _check(self.generator.init == "mlp", "generator.init", "mlp for the gmm teacher (no weights to copy)",
                    self.generator.init)
+            for key, rank in (("generator.lora_rank", self.generator.lora_rank),
+                              ("fake_score.lora_rank", self.fake_score.lora_rank)):
+                _check(rank == 0, key, "0 for the gmm teacher (LoRA adapts a diffusers UNet)", rank)
             _check(self.fake_score.init == "mlp", "fake_score.init", "mlp for the gmm teacher",
                    self.fake_score.init)
             _check(t.guidance_scale == 1.0, "teacher.guidance_scale", "1.0 (the gmm teacher is unconditional)",
@@ -380,13 +428,15 @@ class FitConfig:
 
 @dataclass
 class UNetConfig:
-    """A diffusers UNet2DModel and its DDPM schedule."""
+    """A diffusers UNet2DModel (kind t2i: a UNet2DConditionModel on the VAE's latents) and its DDPM schedule."""
 
-    block_out_channels: list[int] = _f([32, 64], "channels per resolution level",
+    block_out_channels: list[int] = _f([32, 64], "channels per resolution level (t2i: multiples of 8)",
                                        "a list of channel counts (integers >= 8) such as [32, 64]")
     layers_per_block: int = _f(1, "ResNet layers per level")
-    attention: bool = _f(True, "self-attention in the lowest-resolution level")
-    class_dropout: float = _f(0.1, "probability of replacing the label by the null class (for CFG)")
+    attention: bool = _f(True, "self-attention in the lowest-resolution level (t2i: transformer blocks with "
+                               "cross-attention to the prompt at the first, full-resolution level; the middle block "
+                               "has them either way)")
+    class_dropout: float = _f(0.1, "probability of replacing the label by the null class (for CFG; unet kind)")
     prediction_type: str = _f("epsilon", "epsilon | v_prediction | sample")
     num_train_timesteps: int = _f(1000, "DDPM time indices T")
     beta_schedule: str = _f("linear", "linear | scaled_linear | squaredcos_cap_v2")
@@ -428,10 +478,108 @@ class TeacherOptimConfig:
                self.ema_decay)
 
 
+T2I_TEMPLATES = ["a handwritten {}", "a photo of a handwritten {}", "a handwritten {}, black and white",
+                 "a scan of a handwritten {}", "a blurry picture of a handwritten {}", "an image of a handwritten {}"]
+
+
+@dataclass
+class T2IConfig:
+    """kind t2i: the images and captions the text-to-image teacher learns from."""
+
+    resolution: int = _f(16, "image size in pixels: the 8x8 digits are upsampled to resolution x resolution")
+    upsample: str = _f("nearest", "nearest (average pooling brings the images back to 8x8 exactly, which is how the "
+                                  "digits classifier scores them) | bilinear")
+    templates: list[str] = _f(T2I_TEMPLATES, "caption templates, one drawn per sample; {} is the digit's word and "
+                                             "each holds 'a handwritten {}' exactly once",
+                              "a list of caption templates such as ['a handwritten {}']")
+    caption_dropout: float = _f(0.1, "probability of replacing a caption by the empty prompt, the null condition of "
+                                     "classifier-free guidance (as SD 1.x)")
+    attention_head_dim: int = _f(8, "channels per attention head of the UNet's transformer blocks")
+
+    def __post_init__(self) -> None:
+        _check(self.resolution >= 8 and self.resolution % 8 == 0, "t2i.resolution", "a multiple of 8 (8, 16, 32, ...)",
+               self.resolution)
+        _check(self.upsample in ("nearest", "bilinear"), "t2i.upsample", "one of nearest, bilinear", self.upsample)
+        _check(len(self.templates) >= 1 and all(isinstance(t, str) and t.count("{}") == 1
+                                                and t.count("a handwritten {}") == 1 and "handwritten" not in
+                                                t.replace("a handwritten {}", "") for t in self.templates),
+               "t2i.templates", "a list of templates, each with 'a handwritten {}' exactly once (and no other {} or "
+               "'handwritten')", list(self.templates))
+        _check(_finite(self.caption_dropout) and 0 <= self.caption_dropout < 1, "t2i.caption_dropout",
+               "a probability in [0, 1)", self.caption_dropout)
+        _check(self.attention_head_dim >= 1, "t2i.attention_head_dim", "an integer >= 1", self.attention_head_dim)
+
+
+@dataclass
+class VAEConfig:
+    """kind t2i: the AutoencoderKL, trained first (reconstruction + KL), then frozen."""
+
+    block_out_channels: list[int] = _f([16, 32], "channels per level (multiples of 8); latents are resolution / "
+                                                 "2^(levels - 1) pixels wide",
+                                       "a list of channel counts (multiples of 8) such as [16, 32]")
+    latent_channels: int = _f(4, "latent channels (SD: 4)")
+    layers_per_block: int = _f(1, "ResNet layers per level")
+    steps: int = _f(500, "training steps of the VAE stage (a plain loop, before the UNet; a resumed run reuses "
+                          "<run.dir>/vae)")
+    batch_size: int = _f(64, "images per VAE step")
+    lr: float = _f(1e-3, "AdamW learning rate of the VAE (constant)")
+    kl_weight: float = _f(1e-4, "weight of the KL term against the per-pixel reconstruction MSE")
+
+    def __post_init__(self) -> None:
+        channels = self.block_out_channels
+        _check(len(channels) >= 1 and all(isinstance(c, int) and c >= 8 and c % 8 == 0 for c in channels),
+               "vae.block_out_channels", "a list of channel counts (multiples of 8) such as [16, 32]", list(channels))
+        _check(self.latent_channels >= 1, "vae.latent_channels", "an integer >= 1", self.latent_channels)
+        _check(self.layers_per_block >= 1, "vae.layers_per_block", "an integer >= 1", self.layers_per_block)
+        _check(self.steps >= 1, "vae.steps", "an integer >= 1", self.steps)
+        _check(self.batch_size >= 1, "vae.batch_size", "an integer >= 1", self.batch_size)
+        _check(_finite(self.lr) and self.lr > 0, "vae.lr", "a finite number > 0", self.lr)
+        _check(_finite(self.kl_weight) and self.kl_weight >= 0, "vae.kl_weight", "a finite number >= 0",
+               self.kl_weight)
+
+
+@dataclass
+class TextConfig:
+    """kind t2i: the frozen CLIP text encoder (random weights, seeded) and its word-level CLIP tokenizer."""
+
+    hidden_size: int = _f(32, "width of the text encoder (the UNet's cross-attention width)")
+    layers: int = _f(2, "transformer layers")
+    heads: int = _f(4, "attention heads (dividing hidden_size)")
+    max_length: int = _f(16, "tokens per prompt, start and end tokens included (the tokenizer's model_max_length)")
+
+    def __post_init__(self) -> None:
+        _check(self.hidden_size >= 1, "text.hidden_size", "an integer >= 1", self.hidden_size)
+        _check(self.layers >= 1, "text.layers", "an integer >= 1", self.layers)
+        _check(self.heads >= 1 and self.hidden_size % self.heads == 0, "text.heads",
+               f"an integer >= 1 dividing text.hidden_size ({self.hidden_size})", self.heads)
+        _check(self.max_length >= 3, "text.max_length", "an integer >= 3", self.max_length)
+
+
+@dataclass
+class TeacherEvalConfig:
+    """kind t2i: the prompt accuracy written to <out>/distill.json once training ends."""
+
+    prompt_samples: int = _f(1000, "prompts drawn from the prompt list (with replacement); 0: no evaluation")
+    steps: int = _f(25, "DDIM steps per sample")
+    guidance_scales: list[float] = _f([1.0, 2.0, 4.0], "classifier-free guidance scales to evaluate at",
+                                      "a list of numbers >= 0 such as [1.0, 2.0, 4.0]")
+    seed: int = _f(0, "seed of the prompts and the noise (the same for every guidance scale)")
+
+    def __post_init__(self) -> None:
+        _check(self.prompt_samples >= 0, "eval.prompt_samples", "an integer >= 0", self.prompt_samples)
+        _check(self.steps >= 1, "eval.steps", "an integer >= 1", self.steps)
+        _check(len(self.guidance_scales) >= 1 and all(_finite(g) and g >= 0 for g in self.guidance_scales),
+               "eval.guidance_scales", "a list of numbers >= 0 such as [1.0, 2.0, 4.0]", list(self.guidance_scales))
+
+
 @dataclass
 class TeacherTrainConfig:
-    """`distill teacher`: train a class-conditional diffusers UNet teacher on shards."""
+    """`distill teacher`: train a class-conditional diffusers UNet teacher (kind unet) or a latent text-to-image
+    Stable Diffusion pipeline (kind t2i) on shards."""
 
+    kind: str = _f("unet", "unet (a class-conditional UNet2DModel on the shards' images) | t2i (a latent "
+                           "text-to-image StableDiffusionPipeline: VAE, CLIP text encoder and UNet2DConditionModel, "
+                           "on the digits shards upsampled and captioned)")
     out: str = _f("", "folder the trained teacher is saved to (save_pretrained layout); empty: <run.dir>/teacher. "
                       "An existing folder with files is refused unless --overwrite")
     sample_steps: int = _f(50, "DDIM steps for the sample grid saved beside the teacher")
@@ -442,8 +590,25 @@ class TeacherTrainConfig:
     optim: TeacherOptimConfig = field(default_factory=TeacherOptimConfig)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=2000, checkpoint_every_steps=500))
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(samples_every_steps=1000))
+    t2i: T2IConfig = field(default_factory=T2IConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    eval: TeacherEvalConfig = field(default_factory=TeacherEvalConfig)
 
     def validate(self, read_data: bool = True) -> None:
+        _check(self.kind in ("unet", "t2i"), "kind", "one of unet, t2i", self.kind)
+        if self.kind == "t2i":
+            levels = len(self.vae.block_out_channels) - 1
+            _check(self.t2i.resolution % 2 ** levels == 0, "t2i.resolution",
+                   f"a multiple of 2^{levels} (the VAE's {levels + 1} levels halve it {levels} times)",
+                   self.t2i.resolution)
+            head = math.lcm(8, self.t2i.attention_head_dim)
+            _check(all(c % head == 0 for c in self.unet.block_out_channels), "unet.block_out_channels",
+                   f"multiples of {head} for kind t2i (GroupNorm of 8 groups, attention heads of "
+                   f"t2i.attention_head_dim channels)", list(self.unet.block_out_channels))
+            _check(self.unet.prediction_type in ("epsilon", "v_prediction"), "unet.prediction_type",
+                   "epsilon or v_prediction for kind t2i (what distill loads from a pipeline folder)",
+                   self.unet.prediction_type)
         _check(self.data.path is not None, "data.path", "a shard folder", None)
         _check_dir(self.data.path, "data.path", "a folder of train-*.tar shards (see `distill data --help`)")
         _check(self.sample_steps >= 1, "sample_steps", "an integer >= 1", self.sample_steps)

@@ -7,61 +7,60 @@ import csv
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import Tensor
 
+from distill.conditions import Condition
 from distill.errors import DistillError
 from distill.runs import PROTOCOL_SEED, list_checkpoints
 
 RESULTS_FILE = "fid_results.csv"
 RESULT_FIELDS = ["path", "step", "model", "fid", "samples", "extractor", "seconds", "ref", "ref_sha", "seed",
-                 "teacher_steps", "guidance"]
+                 "teacher_steps", "guidance", "prompt_accuracy"]
 # What a row's number depends on: a row equal to a new evaluation in all of these is not computed again. The
 # reference counts by content (ref_sha), not by file name (ref). Rows written before these columns existed have
 # blanks there and match nothing, so they are computed again.
 CACHE_KEY = ("path", "model", "samples", "extractor", "ref_sha", "seed", "teacher_steps", "guidance")
 
 
-def balanced_labels(n: int, num_classes: int | None, device) -> Tensor | None:
-    """Labels 0, 1, ..., C-1, 0, 1, ...: every class equally often (the protocol for conditional models)."""
-    if num_classes is None:
-        return None
-    return torch.arange(n, device=device) % num_classes
-
-
-def protocol_inputs(shape: tuple[int, ...], num_classes: int | None, n: int, batch_size: int, seed: int, device,
-                    start: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """(z, labels) for samples start .. start + n - 1 in batches: noise seeded by (seed, sample index) and balanced
-    labels by index, so any split across ranks gives the same set (the evaluation protocol)."""
+def protocol_inputs(shape: tuple[int, ...], condition: Callable[[Tensor], Condition | None] | None, n: int,
+                    batch_size: int, seed: int, device, start: int = 0
+                    ) -> Iterator[tuple[Tensor, Condition | None]]:
+    """(z, condition) for samples start .. start + n - 1 in batches: noise seeded by (seed, sample index) and the
+    condition a function of the sample index (`condition(indices)`: balanced labels, or prompts in turn), so any
+    split across ranks gives the same set (the evaluation protocol)."""
     for s in range(start, start + n, batch_size):
         b = min(batch_size, start + n - s)
         z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
                          for i in range(s, s + b)]).to(device)
-        labels = balanced_labels(s + b, num_classes, device)
-        yield z, (labels[s:] if labels is not None else None)
+        yield z, (condition(torch.arange(s, s + b)) if condition is not None else None)
 
 
 @torch.no_grad()
-def generator_batches(generator: torch.nn.Module, shape: tuple[int, ...], num_classes: int | None, n: int,
-                      batch_size: int, seed: int, device, start: int = 0) -> Iterator[Tensor]:
+def generator_batches(generator: torch.nn.Module, shape: tuple[int, ...],
+                      condition: Callable[[Tensor], Condition | None] | None, n: int, batch_size: int, seed: int,
+                      device, start: int = 0, decode: Callable[[Tensor], Tensor] | None = None) -> Iterator[Tensor]:
     """n one-step samples in batches on the protocol of `protocol_inputs`; `start` is the index of the first
-    sample (a rank's share starts there)."""
-    for z, labels in protocol_inputs(shape, num_classes, n, batch_size, seed, device, start):
-        yield generator(z, labels).float()
+    sample (a rank's share starts there); `decode` turns latents into images."""
+    for z, cond in protocol_inputs(shape, condition, n, batch_size, seed, device, start):
+        x = generator(z, cond).float()
+        yield decode(x) if decode is not None else x
 
 
 @torch.no_grad()
-def teacher_batches(teacher: torch.nn.Module, shape: tuple[int, ...], n: int, batch_size: int, steps: int,
-                    guidance_scale: float, seed: int, device, start: int = 0) -> Iterator[Tensor]:
+def teacher_batches(teacher: torch.nn.Module, shape: tuple[int, ...],
+                    condition: Callable[[Tensor], Condition | None] | None, n: int, batch_size: int, steps: int,
+                    guidance_scale: float, seed: int, device, start: int = 0,
+                    decode: Callable[[Tensor], Tensor] | None = None) -> Iterator[Tensor]:
     """n teacher samples by `steps` DDIM steps, on the same protocol as `generator_batches`."""
     from distill.teachers import ddim_sample
 
-    for z, labels in protocol_inputs(shape, getattr(teacher, "num_classes", None), n, batch_size, seed, device,
-                                     start):
-        yield ddim_sample(teacher, z, labels, steps=steps, guidance_scale=guidance_scale).float()
+    for z, cond in protocol_inputs(shape, condition, n, batch_size, seed, device, start):
+        x = ddim_sample(teacher, z, cond, steps=steps, guidance_scale=guidance_scale).float()
+        yield decode(x) if decode is not None else x
 
 
 def rank_share(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -224,12 +223,15 @@ def _header(path: Path) -> list[str] | None:
 
 
 def format_results(rows: list[dict]) -> str:
+    accuracy = any(r.get("prompt_accuracy") not in (None, "") for r in rows)  # a column only when there is one
     lines = [f"{'checkpoint':<48} {'step':>8} {'model':>14} {'FID':>10} {'samples':>8} {'extractor':>28} "
-             f"{'ref':>12} {'seed':>5} {'s':>7}"]
+             f"{'ref':>12} {'seed':>5} {'s':>7}" + (f" {'prompt acc':>10}" if accuracy else "")]
     for r in rows:
+        acc = r.get("prompt_accuracy")
         lines.append(f"{Path(r['path']).name:<48} {r['step']:>8} {r['model']:>14} {float(r['fid']):>10.3f} "
                      f"{r['samples']:>8} {r['extractor']:>28} {r.get('ref_sha') or '':>12} "
-                     f"{r.get('seed') or '':>5} {float(r['seconds']):>7.1f}")
+                     f"{r.get('seed') or '':>5} {float(r['seconds']):>7.1f}"
+                     + (f" {float(acc) if acc not in (None, '') else float('nan'):>10.4f}" if accuracy else ""))
     return "\n".join(lines)
 
 
@@ -308,7 +310,7 @@ def fid_command(path: str, ref: str, *, num_samples: int = 1000, features: str |
         module, step = load_checkpoint_module(ckpt, dev, teacher)
         project = module.cfg.logging.project
         extractor = _extractor(module.cfg, features, features_path, inception_weights,
-                               math.prod(module.sample_shape())).to(dev)
+                               math.prod(module.eval_shape())).to(dev)
         if extractor.extractor_id not in refs:  # read and checked once, not per checkpoint
             refs[extractor.extractor_id] = load_stats(ref, expected_extractor_id=extractor.extractor_id,
                                                       num_features=extractor.num_features)
@@ -320,12 +322,23 @@ def fid_command(path: str, ref: str, *, num_samples: int = 1000, features: str |
             if rank == 0:
                 print(f"skipping {protocol['path']} ({protocol['model']}): already in {results_path}")
             continue
+        counter = None
+        if module.cfg.eval.prompt_accuracy and hasattr(extractor, "classifier"):
+            from distill.metrics import PromptAccuracy
+
+            counter = PromptAccuracy(extractor.classifier, module.prompts, start)
+            batches = counter.observe(batches)
         fake, seconds = timed(compute_stats, extractor, batches, progress=rank == 0)
         if world > 1:
             fake = merge_stats(fake)
         fid = frechet_distance(fake["mu"], fake["sigma"], ref_stats["mu"], ref_stats["sigma"])
         row = {**protocol, "step": "" if teacher_steps is not None else step, "fid": fid, "samples": fake["n"],
                "seconds": round(seconds, 2)}
+        if counter is not None:
+            counts = torch.tensor([counter.correct, counter.n], dtype=torch.float64, device=dev)
+            if world > 1:
+                torch.distributed.all_reduce(counts)
+            row["prompt_accuracy"] = float(counts[0] / counts[1])
         rows.append(row)
         steps.append(step)
         if rank == 0:
@@ -337,7 +350,7 @@ def fid_command(path: str, ref: str, *, num_samples: int = 1000, features: str |
     if json_out:
         import json
 
-        Path(json_out).write_text(json.dumps([{k: r[k] for k in RESULT_FIELDS} for r in rows], indent=2) + "\n")
+        Path(json_out).write_text(json.dumps([{k: r.get(k, "") for k in RESULT_FIELDS} for r in rows], indent=2) + "\n")
     if rows and wandb:
         try:
             _log_fid_to_wandb(folder, project, list(zip(rows, steps)), read_results(results_path))
@@ -370,11 +383,12 @@ def _protocol(module, ckpt: Path, teacher_steps: int | None, count: int, batch_s
         protocol = {"path": os.path.abspath(cfg.teacher.path) if cfg.teacher.kind == "diffusers" else "gmm",
                     "model": f"teacher-{teacher_steps}step", "teacher_steps": teacher_steps,
                     "guidance": cfg.teacher.guidance_scale}
-        return protocol, teacher_batches(module.teacher, shape, count, batch_size, teacher_steps,
-                                         cfg.teacher.guidance_scale, seed, dev, start=start)
+        return protocol, teacher_batches(module.teacher, shape, module.protocol_condition, count, batch_size,
+                                         teacher_steps, cfg.teacher.guidance_scale, seed, dev, start=start,
+                                         decode=module.eval_images)
     protocol = {"path": str(ckpt), "model": "ema-1step", "teacher_steps": "", "guidance": ""}
-    return protocol, generator_batches(module.ema, shape, getattr(module.teacher, "num_classes", None), count,
-                                       batch_size, seed, dev, start=start)
+    return protocol, generator_batches(module.ema, shape, module.protocol_condition, count, batch_size, seed, dev,
+                                       start=start, decode=module.eval_images)
 
 
 def _log_fid_to_wandb(folder: Path, project: str, logged: list[tuple[dict, int]], table: list[dict]) -> None:

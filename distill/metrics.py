@@ -36,12 +36,13 @@ import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -630,3 +631,54 @@ def fid_against_stats(extractor: FeatureExtractor, fake_batches: Iterable, ref_s
     fake = compute_stats(extractor, fake_batches, max_samples=max_samples, progress=progress)
     fid = frechet_distance(fake["mu"], fake["sigma"], ref["mu"], ref["sigma"])
     return {"fid": fid, "n": fake["n"], "ref_n": int(ref.get("n", 0)), "extractor_id": extractor.extractor_id}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt accuracy: does a text-to-image sample show the digit its prompt names?
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_DIGIT_PHRASE = re.compile(r"\ba handwritten (" + "|".join(DIGIT_WORDS) + r")\b", re.IGNORECASE)
+
+
+def digit_of_prompt(prompt: str) -> int | None:
+    """The digit a prompt names in the words `a handwritten <zero|one|...|nine>`, else None."""
+    m = _DIGIT_PHRASE.search(prompt)
+    return DIGIT_WORDS.index(m.group(1).lower()) if m else None
+
+
+def prompt_digits(prompts: list[str]) -> list[int]:
+    """The digit of every prompt; a prompt that names none is a DistillError (prompt accuracy is undefined)."""
+    digits = [digit_of_prompt(p) for p in prompts]
+    missing = [p for p, d in zip(prompts, digits) if d is None]
+    if missing:
+        raise DistillError(f"prompt accuracy needs prompts that name a digit as 'a handwritten <zero..nine>'; "
+                           f"{len(missing)} of {len(prompts)} do not, e.g. {missing[0]!r} (set "
+                           f"eval.prompt_accuracy=false)")
+    return digits
+
+
+class PromptAccuracy:
+    """Counts samples the digits classifier assigns to the digit of their prompt, batch by batch, beside another
+    consumer of the same batches (`observe` passes them through). Sample i of the protocol has prompt
+    `prompts[i % len(prompts)]` (distill.evaluate.protocol_inputs); `start` is the index of the first sample."""
+
+    def __init__(self, classifier: nn.Module, prompts: list[str], start: int = 0):
+        self.classifier = classifier
+        self.digits = torch.tensor(prompt_digits(prompts))
+        self.next = start
+        self.correct = 0
+        self.n = 0
+
+    def observe(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for images in batches:
+            index = torch.arange(self.next, self.next + len(images)) % len(self.digits)
+            with torch.no_grad():
+                predicted = self.classifier(images.float()).argmax(1).cpu()
+            self.correct += int((predicted == self.digits[index]).sum())
+            self.n += len(images)
+            self.next += len(images)
+            yield images
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.n, 1)

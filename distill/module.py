@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from distill.carv import TimestepSampler, anova, dmd_timestep_p, ecm, ecm_oracle, k_star
 from distill.carv.controller import KController, weighted_mean
 from distill.carv.diagnostics import measure_costs, split_half_estimate
+from distill.conditions import Condition, as_condition
 from distill.config import FitConfig
 from distill.distributed import all_mean, is_distributed
 from distill.losses import denoising_loss, dmd_grad, dmd_loss
@@ -35,10 +36,14 @@ from distill.teachers import (
     GaussianMixture,
     GaussianMixtureDenoiser,
     OneStepGenerator,
+    Teacher,
     ema_update,
-    load_diffusers_teacher,
+    load_teacher,
     trainable_copy,
 )
+
+# frozen parts that are reloaded from the teacher's folder, never stored in a checkpoint
+FROZEN_PREFIXES = ("teacher.", "text.", "codec.")
 
 
 def gmm_teacher(cfg: FitConfig) -> GaussianMixtureDenoiser:
@@ -50,31 +55,54 @@ def gmm_teacher(cfg: FitConfig) -> GaussianMixtureDenoiser:
     return GaussianMixtureDenoiser(GaussianMixture.ring(t.gmm_modes, t.gmm_radius, t.gmm_std), schedule)
 
 
-def build_networks(cfg: FitConfig) -> tuple[nn.Module, Denoiser, OneStepGenerator]:
-    """(teacher, fake score, generator). Diffusers teachers: both copies start from the teacher's weights;
-    the mixture teacher: fresh MLPs (there are no weights to copy)."""
+def build_networks(cfg: FitConfig) -> tuple[Teacher, Denoiser, OneStepGenerator]:
+    """(teacher, fake score, generator). Diffusers teachers: both copies start from the teacher's weights (in
+    float32; the frozen teacher then takes `teacher.dtype`); the mixture teacher: fresh MLPs (there are no weights
+    to copy)."""
     if cfg.teacher.kind == "diffusers":
-        teacher = load_diffusers_teacher(cfg.teacher.path)
-        fake = trainable_copy(teacher)
-        generator = OneStepGenerator(trainable_copy(teacher), cfg.generator.t_init)
+        teacher = load_teacher(cfg.teacher.path, frozen_dtype(cfg))
+        g, f = cfg.generator, cfg.fake_score
+        fake = trainable_copy(teacher.denoiser, f.lora_rank, f.lora_alpha, f.gradient_checkpointing)
+        generator = OneStepGenerator(trainable_copy(teacher.denoiser, g.lora_rank, g.lora_alpha,
+                                                    g.gradient_checkpointing), g.t_init)
+        teacher.denoiser.to(frozen_dtype(cfg))
         return teacher, fake, generator
-    teacher = gmm_teacher(cfg)
-    d, T = teacher.mixture.dim, teacher.T
+    mixture = gmm_teacher(cfg)
+    d, T = mixture.mixture.dim, mixture.T
     g, f = cfg.generator, cfg.fake_score
     # The generator predicts x0 directly (at t_init = T-1, alpha ~ 0.006 would amplify an eps output 150x), as
     # z + MLP(z): it starts from N(0, I) rather than from a point.
-    gen_net = Denoiser(MLP(d, T, g.mlp_hidden, g.mlp_depth, skip=True), teacher.schedule, "sample")
-    fake = Denoiser(MLP(d, T, f.mlp_hidden, f.mlp_depth), teacher.schedule, "epsilon")
-    return teacher, fake, OneStepGenerator(gen_net, g.t_init)
+    gen_net = Denoiser(MLP(d, T, g.mlp_hidden, g.mlp_depth, skip=True), mixture.schedule, "sample")
+    fake = Denoiser(MLP(d, T, f.mlp_hidden, f.mlp_depth), mixture.schedule, "epsilon")
+    return Teacher(mixture, "gmm"), fake, OneStepGenerator(gen_net, g.t_init)
+
+
+def frozen_dtype(cfg: FitConfig) -> torch.dtype:
+    """teacher.dtype: auto is bfloat16 where a CUDA device will run the fit, float32 elsewhere."""
+    name = cfg.teacher.dtype
+    if name == "auto":
+        gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto"
+                                                               and torch.cuda.is_available())
+        name = "bfloat16" if gpu else "float32"
+    return getattr(torch, name)
 
 
 class DMDModule(L.LightningModule):
+    FROZEN_PREFIXES = FROZEN_PREFIXES
     def __init__(self, cfg: FitConfig):
         super().__init__()
         self.cfg = cfg
         self.automatic_optimization = False
-        self.teacher, self.fake_score, self.generator = build_networks(cfg)
-        self.teacher.requires_grad_(False).eval()
+        loaded, self.fake_score, self.generator = build_networks(cfg)
+        self.teacher = loaded.denoiser.requires_grad_(False).eval()
+        self.layout = loaded.layout  # unet, sd, sdxl or gmm
+        self.text = loaded.text  # frozen text encoder(s) of a text-to-image teacher, else None
+        self.codec = loaded.codec  # its frozen VAE (latents -> images), else None
+        self.prompts: list[str] = []  # the prompt set of a text-to-image teacher (data.path), read once
+        if self.text is not None:
+            from distill.data import read_prompts
+
+            self.prompts = read_prompts(cfg.data.path)
         self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         e = cfg.estimator
         # p: DMD2's t uniform over the integer indices [0.02 T, 0.98 T]; q: the proposal the sampler draws from
@@ -99,13 +127,33 @@ class DMDModule(L.LightningModule):
         o = self.cfg.optim
         # fused: a skipped (non-finite) step is masked on the device through `found_inf`, with no host sync
         kw = dict(betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
-        opt_g = torch.optim.AdamW(self.generator.parameters(), lr=o.lr_generator, **kw)
-        opt_f = torch.optim.AdamW(self.fake_score.parameters(), lr=o.lr_fake_score, **kw)
+        opt_g = torch.optim.AdamW(self.trained(self.generator), lr=o.lr_generator, **kw)
+        opt_f = torch.optim.AdamW(self.trained(self.fake_score), lr=o.lr_fake_score, **kw)
         return [opt_g, opt_f]
+
+    @staticmethod
+    def trained(network: nn.Module) -> list[nn.Parameter]:
+        """What the optimiser updates: every weight of a full copy, the adapters of a LoRA one."""
+        return [p for p in network.parameters() if p.requires_grad]
 
     @property
     def conditional(self) -> bool:
-        return getattr(self.teacher, "num_classes", None) is not None
+        return self.teacher.conditional
+
+    def sample_condition(self, N: int, rng: torch.Generator, host_rng: torch.Generator | None = None
+                         ) -> Condition | None:
+        """The step's conditions: class labels uniform over the classes (DMD2), or prompts drawn uniformly from the
+        prompt set and encoded by the frozen text encoder(s); None for an unconditional teacher. The prompt indices
+        come from a CPU generator of the same (seed, rank, step), since the tokenizer works on the host anyway: no
+        device-to-host copy in the step (`host_rng` replaces that generator)."""
+        if self.text is not None:
+            host_rng = host_rng or self._step_generator(salt=2, device="cpu")
+            picks = torch.randint(0, len(self.prompts), (N,), generator=host_rng)
+            return self.text([self.prompts[i] for i in picks.tolist()]).to(torch.float32)
+        if self.teacher.num_classes is not None:
+            return Condition(labels=torch.randint(0, self.teacher.num_classes, (N,), generator=rng,
+                                                  device=self.device))
+        return None
 
     def on_train_start(self) -> None:
         # the config is the truth: a resumed run with an allowed change to optim takes it (Lightning restored the
@@ -113,7 +161,21 @@ class DMDModule(L.LightningModule):
         o = self.cfg.optim
         for opt, lr in zip(self.trainer.optimizers, (o.lr_generator, o.lr_fake_score)):
             for group in opt.param_groups:
-                group.update(lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+                group.update(lr=lr * self.lr_factor(), betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    def lr_factor(self, step: int | None = None) -> float:
+        """The learning-rate factor of a training step: (step + 1) / optim.warmup_steps during the warm-up, then 1.
+        A function of the step alone, so a resumed run takes the same rates."""
+        warmup = self.cfg.optim.warmup_steps
+        step = self.step if step is None else step
+        return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+    def _warm_up(self) -> None:
+        if self.cfg.optim.warmup_steps and self.step <= self.cfg.optim.warmup_steps:
+            o, factor = self.cfg.optim, self.lr_factor()
+            for opt, lr in zip(self.trainer.optimizers, (o.lr_generator, o.lr_fake_score)):
+                for group in opt.param_groups:
+                    group["lr"] = lr * factor
 
     def _update(self, opt, loss: Tensor, params) -> tuple[Tensor, Tensor]:
         """Backward, clip, step: (gradient norm, whether the step was taken), both tensors on the device. A
@@ -172,19 +234,19 @@ class DMDModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> None:
         # DMD reads no real data: the batch is only the step's index (GAN and regression terms will read data)
         opt_g, opt_f = self.optimizers()
+        self._warm_up()
         N = self.batch_per_device
         update_generator = self.step % self.cfg.optim.ttur == 0
         metrics: dict[str, Tensor | float] = {}
         taken = []
 
-        # 1. sample z (and class labels, uniform as in DMD2) and generate x = G(z) (with grad only when the
+        # 1. sample z and the conditions (class labels or prompts, uniform as in DMD2) and generate x = G(z) (with grad only when the
         #    generator is updated this step). Every random number is a function of (seed, rank, step).
         rng = self._step_generator()
         z = torch.randn((N, *self.sample_shape()), generator=rng, device=self.device)
-        labels = (torch.randint(0, self.teacher.num_classes, (N,), generator=rng, device=self.device)
-                  if self.conditional else None)
+        cond = self.sample_condition(N, rng)  # labels, prompt embeddings, or None
         with torch.set_grad_enabled(update_generator):
-            x = self.generator(z, labels)  # (N, C, H, W) or (N, d)
+            x = self.generator(z, cond)  # (N, C, H, W) (latents for a latent teacher) or (N, d)
 
         if update_generator:
             # 2. draw K (t, eps) per sample: t from the proposal q by the stratified inverse CDF, w = p(t)/q(t)
@@ -193,12 +255,12 @@ class DMDModule(L.LightningModule):
             eps = torch.randn((N * K, *x.shape[1:]), generator=rng, device=self.device)  # (N*K, ...)
             # 3. teacher and fake-score predictions at all N*K x_t, batched, no grad: the per-draw integrand g
             with torch.no_grad():
-                g = self._integrand(x.detach(), labels, t, eps)  # (N, K, ...)
+                g = self._integrand(x.detach(), cond, t, eps)  # (N, K, ...)
                 g_bar = weighted_mean(g, w)  # (1/K) sum_k w g  (docs/method.md §4, hierarchical estimator)
             # 4. DMD gradient and generator update: d loss / dx = g_bar / numel
             loss_g = dmd_loss(x, g_bar).mean()
             if self._diagnostic_due():
-                metrics.update(self._split_half_diagnostic(x, labels))  # exact parameter-space (σ_b², σ_w²)
+                metrics.update(self._split_half_diagnostic(x, cond))  # exact parameter-space (σ_b², σ_w²)
             metrics["grad_norm/generator"], stepped = self._update(opt_g, loss_g, self.generator.parameters())
             metrics["loss/generator_dm"] = loss_g.detach()
             taken.append(stepped)
@@ -210,7 +272,7 @@ class DMDModule(L.LightningModule):
         x0 = x.detach()
         t_f = torch.randint(0, self.teacher.T, (N,), generator=rng, device=self.device)
         x_t = self.teacher.schedule.add_noise(x0, torch.randn(x0.shape, generator=rng, device=self.device), t_f)
-        x0_hat = self.fake_score(x_t, t_f, labels)
+        x0_hat = self.fake_score(x_t, t_f, cond)  # never guided (DMD2)
         loss_f = denoising_loss(x0_hat, x0, self.fake_score.loss_weight(t_f, x0)).mean()
         metrics["grad_norm/fake_score"], stepped_f = self._update(opt_f, loss_f, self.fake_score.parameters())
         metrics["loss/fake_score"] = loss_f.detach()
@@ -232,21 +294,21 @@ class DMDModule(L.LightningModule):
             return self.sampler.sample(N, K, generator=shared, device=self.device, rank=rank, world_size=world)
         return self.sampler.sample(N, K, generator=rng, device=self.device)
 
-    def _integrand(self, x: Tensor, labels: Tensor | None, t: Tensor, eps: Tensor) -> Tensor:
+    def _integrand(self, x: Tensor, cond: Condition | Tensor | None, t: Tensor, eps: Tensor) -> Tensor:
         """Per-draw DMD integrand g(x_n, t_nk, eps_nk) for all N*K draws in batched calls of at most
         `estimator.chunk_size` draws (never a Python loop over draws). x: (N, ...), t: (N, K), eps: (N*K, ...)."""
         N, K = t.shape
         x_rep = x.repeat_interleave(K, dim=0)  # (N*K, ...): sample n's draws are rows n*K .. n*K+K-1
-        labels_rep = labels.repeat_interleave(K) if labels is not None else None
+        cond_rep = as_condition(cond).repeat_interleave(K) if cond is not None else None
         t_flat = t.reshape(-1)
         chunk = self.cfg.estimator.chunk_size or N * K
         out = []
         for s in range(0, N * K, chunk):
             sl = slice(s, s + chunk)
-            lab = labels_rep[sl] if labels_rep is not None else None
+            c = cond_rep[sl] if cond_rep is not None else None
             x_t = self.teacher.schedule.add_noise(x_rep[sl], eps[sl], t_flat[sl])
-            mu_real = self.teacher(x_t, t_flat[sl], lab, guidance_scale=self.cfg.teacher.guidance_scale)
-            mu_fake = self.fake_score(x_t, t_flat[sl], lab)
+            mu_real = self.teacher(x_t, t_flat[sl], c, guidance_scale=self.cfg.teacher.guidance_scale)
+            mu_fake = self.fake_score(x_t, t_flat[sl], c)  # the fake score is never guided (DMD2)
             out.append(dmd_grad(x_rep[sl], mu_real, mu_fake))
         return torch.cat(out).view(N, K, *x.shape[1:])
 
@@ -295,18 +357,18 @@ class DMDModule(L.LightningModule):
         every = self.cfg.estimator.diagnostic_every
         return bool(every) and self.g_steps % every == 0
 
-    def split_half_estimate(self, x: Tensor, labels: Tensor | None, sampler: TimestepSampler, Kd: int,
+    def split_half_estimate(self, x: Tensor, cond: Condition | Tensor | None, sampler: TimestepSampler, Kd: int,
                             rng: torch.Generator) -> tuple[float, float]:
         """Exact parameter-space (σ_b², σ_w²) of the generator's gradient at x = G(z) (with its graph), from Kd
         iid draws of `sampler`'s current q (distill.carv.diagnostics.split_half_estimate; no state changes)."""
         params = [p for p in self.generator.parameters() if p.requires_grad]
-        return split_half_estimate(x, params, lambda x_, t, eps: self._integrand(x_, labels, t, eps), dmd_loss,
+        return split_half_estimate(x, params, lambda x_, t, eps: self._integrand(x_, cond, t, eps), dmd_loss,
                                    sampler, Kd, rng)
 
-    def _split_half_diagnostic(self, x: Tensor, labels: Tensor | None) -> dict[str, float]:
+    def _split_half_diagnostic(self, x: Tensor, cond: Condition | Tensor | None) -> dict[str, float]:
         """The diagnostic step: split-half (σ_b², σ_w²) on its own noise, folded into the K controller."""
         rng = self._step_generator(salt=1)
-        sigma_b2, sigma_w2 = self.split_half_estimate(x, labels, self.sampler, self.cfg.estimator.diagnostic_K, rng)
+        sigma_b2, sigma_w2 = self.split_half_estimate(x, cond, self.sampler, self.cfg.estimator.diagnostic_K, rng)
         sigma_b2, sigma_w2 = all_mean([sigma_b2, sigma_w2])  # every rank folds the same figures: the same K
         self.k_control.observe(sigma_b2, sigma_w2)
         # raw: this diagnostic's unbiased estimates (σ̂_b² is a difference and can go negative from noise);
@@ -327,7 +389,7 @@ class DMDModule(L.LightningModule):
         return out
 
     @torch.no_grad()
-    def measure_costs(self, N: int, labels: Tensor | None = None) -> dict[str, float]:
+    def measure_costs(self, N: int, cond: Condition | Tensor | None = None) -> dict[str, float]:
         """c_u (generator forward + backward, per sample) and c_i (teacher, with guidance if any, + fake score, per
         draw), as FLOPs and as wall time (distill.carv.diagnostics.measure_costs)."""
         z = torch.zeros((N, *self.sample_shape()), device=self.device)
@@ -335,13 +397,13 @@ class DMDModule(L.LightningModule):
 
         def upstream():
             with torch.enable_grad():
-                out = self.generator(z, labels)
+                out = self.generator(z, cond)
                 params = [p for p in self.generator.parameters() if p.requires_grad]
                 torch.autograd.grad(out.float().pow(2).sum(), params, allow_unused=True)
 
         def inner():
-            self.teacher(z, t, labels, guidance_scale=self.cfg.teacher.guidance_scale)
-            self.fake_score(z, t, labels)
+            self.teacher(z, t, cond, guidance_scale=self.cfg.teacher.guidance_scale)
+            self.fake_score(z, t, cond)
 
         return measure_costs(upstream, inner, N, N, self.device)
 
@@ -355,17 +417,24 @@ class DMDModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if not self.costs:
             N = max(1, self.cfg.data.batch_size // max(1, self.trainer.world_size))
-            labels = torch.zeros(N, dtype=torch.long, device=self.device) if self.conditional else None
-            costs = self.measure_costs(N, labels)
+            costs = self.measure_costs(N, self.cost_condition(N))
             self.costs = dict(zip(costs, all_mean(list(costs.values()))))  # wall times differ across ranks
 
-    def _step_generator(self, rank_specific: bool = True, salt: int = 0) -> torch.Generator:
+    def cost_condition(self, N: int) -> Condition | None:
+        """A condition of the step's shape for measuring costs (class 0, or the first prompt N times)."""
+        if self.text is not None:
+            return self.text([self.prompts[0]] * N).to(torch.float32)
+        if self.teacher.num_classes is not None:
+            return Condition(labels=torch.zeros(N, dtype=torch.long, device=self.device))
+        return None
+
+    def _step_generator(self, rank_specific: bool = True, salt: int = 0, device=None) -> torch.Generator:
         """The step's noise comes from (seed, rank, step) alone: ranks draw different noise, and a resumed run
         draws exactly what the uninterrupted run would have, with no RNG state to carry."""
         rank = self.global_rank if rank_specific else 2**31 - 1
         entropy = [self.cfg.trainer.seed, rank, self.step] + ([salt] if salt else [])
         seed = np.random.SeedSequence(entropy).generate_state(1)[0]
-        return torch.Generator(device=self.device).manual_seed(int(seed))
+        return torch.Generator(device=self.device if device is None else device).manual_seed(int(seed))
 
     def _ema_update(self, taken: Tensor) -> None:
         ema_update(self.ema, self.generator, self.cfg.generator.ema_decay, self.step // self.cfg.optim.ttur, taken)
@@ -384,7 +453,7 @@ class DMDModule(L.LightningModule):
     def flush_metrics(self) -> None:
         """Write the running means of the window to every logger at the current step."""
         # running means over the window; counters and evaluations report their latest value
-        means = {k: float(v[-1] if k.startswith(("health/", "fid/")) else
+        means = {k: float(v[-1] if k.startswith(("health/", "fid/", "prompt/")) else
                           (torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device) for x in v]).mean()
                            if any(torch.is_tensor(x) for x in v) else sum(v) / len(v)))
                  for k, v in self._acc.items() if v}
@@ -429,22 +498,68 @@ class DMDModule(L.LightningModule):
             from distill.teachers import sample_shape_of
 
             shape = sample_shape_of(self.teacher)
-            if self.conditional:
-                rows = self.teacher.num_classes
-                labels = torch.arange(rows).repeat_interleave(cols).to(self.device)
-            else:
-                rows, labels = cols, None
+            cond, row_labels = self.grid_conditions(cols)
+            rows = len(cond) // cols if cond is not None else cols
             z = torch.randn(rows * cols, *shape, generator=gen).to(self.device)
-            return grid_image(self.ema(z, labels), nrow=cols)
+            x = self.ema(z, cond)
+            return grid_image(self.decode(x), nrow=cols, row_labels=row_labels)
         finally:
             self.ema.train(was_training)
+
+    def grid_conditions(self, cols: int) -> tuple[Condition | None, list[str] | None]:
+        """The sample grid's rows: one per class, or one per prompt (up to 10 spread over the prompt set, written
+        beside their rows), each repeated `cols` times; None for an unconditional teacher."""
+        if self.text is not None:
+            prompts = list(self.cfg.logging.sample_prompts)
+            if not prompts:
+                picks = np.linspace(0, len(self.prompts) - 1, min(10, len(self.prompts))).round().astype(int)
+                prompts = [self.prompts[i] for i in np.unique(picks)]
+            cond = self.text([p for p in prompts for _ in range(cols)]).to(torch.float32)
+            return cond, prompts
+        if self.teacher.num_classes is not None:
+            labels = torch.arange(self.teacher.num_classes).repeat_interleave(cols).to(self.device)
+            return Condition(labels=labels), None
+        return None, None
+
+    def protocol_condition(self, indices: Tensor) -> Condition | None:
+        """The evaluation protocol's condition of samples `indices`: balanced labels (index mod the classes), or the
+        prompts in turn (index mod the prompt set), so that any split of the samples across ranks gives the same set."""
+        if self.text is not None:
+            return self.text([self.prompts[i % len(self.prompts)] for i in indices.tolist()]).to(torch.float32)
+        if self.teacher.num_classes is not None:
+            return Condition(labels=(indices % self.teacher.num_classes).to(self.device))
+        return None
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Samples as images in [-1, 1]: latents through the frozen VAE, pixels as they are."""
+        return self.codec.decode(x) if self.codec is not None else x
+
+    def eval_images(self, x: Tensor) -> Tensor:
+        """What evaluation reads: decoded samples, brought to eval.image_size by area averaging when it is set."""
+        images = self.decode(x)
+        size = self.cfg.eval.image_size
+        if size is not None and tuple(images.shape[-2:]) != (size, size):
+            images = torch.nn.functional.interpolate(images, size=(size, size), mode="area")
+        return images
+
+    def eval_shape(self) -> tuple[int, ...]:
+        """The shape of one evaluated image (C, H, W), or of one sample of low-dimensional data."""
+        shape = tuple(self.sample_shape())
+        if len(shape) != 3:
+            return shape
+        C, H, W = shape
+        if self.codec is not None:  # the VAE's images: its output channels, its scale factor
+            f = self.codec.scale_factor
+            C, H, W = self.codec.vae.config.out_channels, H * f, W * f
+        size = self.cfg.eval.image_size
+        return (C, H, W) if size is None else (C, size, size)
 
     # ---------------------------------------------------------------------------------------------------------
     # Checkpoints: G, EMA, fake score (not the frozen teacher), optimisers (Lightning) and the step. No RNG state:
     # every step's noise is a function of (seed, rank, step).
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not self.reloaded(k)}
         from distill.config import to_yaml
 
         checkpoint["distill"] = {"step": self.step, "config": to_yaml(self.cfg), "g_steps": self.g_steps,
@@ -454,10 +569,21 @@ class DMDModule(L.LightningModule):
                                  "nonfinite": [0, 0, 0] if self.health is None else [int(v) for v in
                                                                                      self.health[[0, 1, 3]].tolist()]}
 
+    def reloaded(self, key: str) -> bool:
+        """Whether a state-dict entry comes from the teacher's folder rather than the checkpoint: the frozen teacher,
+        text encoders and VAE, and the base weights of a LoRA network (frozen copies of the teacher's; only its
+        adapters, keys with `lora_`, are saved)."""
+        if key.startswith(FROZEN_PREFIXES):
+            return True
+        lora = (("generator.", "ema.") if self.cfg.generator.lora_rank else ()) + \
+               (("fake_score.",) if self.cfg.fake_score.lora_rank else ())
+        return bool(lora) and key.startswith(lora) and "lora_" not in key
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The teacher is frozen and reloaded from its folder; put it back so strict loading sees every key.
-        for k, v in self.teacher.state_dict().items():
-            checkpoint["state_dict"][f"teacher.{k}"] = v
+        # The frozen parts are reloaded from the teacher's folder; put them back so strict loading sees every key.
+        for k, v in self.state_dict().items():
+            if self.reloaded(k):
+                checkpoint["state_dict"].setdefault(k, v)
         state = checkpoint["distill"]
         self.step = int(state["step"])
         if "sampler" in state:

@@ -11,8 +11,10 @@ from PIL import Image
 from torch import Tensor
 
 
-def grid_image(images: Tensor, nrow: int, scale: int = 4, pad: int = 1) -> Image.Image:
-    """(N, C, H, W) images in [-1, 1] -> one PIL image, `nrow` images per row, upscaled by `scale` (nearest)."""
+def grid_image(images: Tensor, nrow: int, scale: int = 4, pad: int = 1,
+               row_labels: list[str] | None = None) -> Image.Image:
+    """(N, C, H, W) images in [-1, 1] -> one PIL image, `nrow` images per row, upscaled by `scale` (nearest).
+    `row_labels` (one per row, e.g. the prompt of each row) are written to the right of their rows."""
     images = images.detach().float().cpu().clamp(-1, 1)
     N, C, H, W = images.shape
     rows = (N + nrow - 1) // nrow
@@ -22,7 +24,31 @@ def grid_image(images: Tensor, nrow: int, scale: int = 4, pad: int = 1) -> Image
         canvas[:, pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = images[i]
     arr = ((canvas + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[:, :, 0] if C == 1 else arr, mode="L" if C == 1 else "RGB")
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    if row_labels:
+        img = _label_rows(img, row_labels, row_height=(H + pad) * scale, top=pad * scale)
+    return img
+
+
+def _label_rows(img: Image.Image, labels: list[str], row_height: int, top: int) -> Image.Image:
+    """The grid with a white margin on the right holding one text line per row (PIL's built-in font)."""
+    from PIL import ImageDraw, ImageFont
+
+    size = max(9, min(14, row_height // 3))
+    try:
+        font = ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1 with FreeType)
+    except (TypeError, OSError):
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(img)
+    width = max(int(draw.textlength(text, font=font)) for text in labels) + 12
+    out = Image.new(img.mode, (img.width + width, img.height), 255 if img.mode == "L" else (255, 255, 255))
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    ink = 0 if img.mode == "L" else (0, 0, 0)
+    for r, text in enumerate(labels):
+        y = top + r * row_height + max(0, (row_height - size) // 2)
+        draw.text((img.width + 6, y), text, fill=ink, font=font)
+    return out
 
 
 def save_atomic(img: Image.Image, path: str | Path) -> Path:

@@ -1,6 +1,7 @@
-"""Train the small class-conditional diffusers teacher (`distill teacher`): DDPM with the network's native loss
-(eps-, v- or x0-MSE; Ho et al. 2020, eq. 14 for eps), label dropout for classifier-free guidance, EMA weights saved
-with `save_pretrained` (unet/ and scheduler/)."""
+"""Train the small class-conditional diffusers teacher (`distill teacher`, kind unet): DDPM with the network's
+native loss (eps-, v- or x0-MSE; Ho et al. 2020, eq. 14 for eps), label dropout for classifier-free guidance, EMA
+weights saved with `save_pretrained` (unet/ and scheduler/). The latent text-to-image kind (t2i) lives in
+distill.pretrain_t2i and shares `TeacherTraining` with it."""
 
 from __future__ import annotations
 
@@ -14,27 +15,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distill.conditions import Condition
 from distill.config import TeacherTrainConfig, to_yaml
 from distill.plots import grid_image
 from distill.schedules import from_x0, vp_schedule
 from distill.teachers import Denoiser, UNetAdapter, build_unet, ddim_sample, ema_update
 
 
-class TeacherModule(L.LightningModule):
-    def __init__(self, cfg: TeacherTrainConfig, sample_shape: tuple[int, int, int], num_classes: int):
-        super().__init__()
-        from diffusers import DDPMScheduler
+class TeacherTraining(L.LightningModule):
+    """What both kinds of `distill teacher` share: AdamW on `self.denoiser` with linear warm-up and cosine decay,
+    gradient clipping, the EMA copy `self.ema` updated after every optimiser step, per-step random numbers as a
+    function of (seed, rank, step), the metric window and the step bookkeeping. (A base class for two modules:
+    the alternative is 70 identical lines in two files that must never drift apart, since resume relies on them.)
+    Subclasses set `denoiser` and `ema` and implement `training_step`, `sample_image` and `save_teacher`."""
 
+    def __init__(self, cfg: TeacherTrainConfig):
+        super().__init__()
         self.cfg = cfg
-        u = cfg.unet
-        self.sample_shape = tuple(sample_shape)
-        self.scheduler = DDPMScheduler(num_train_timesteps=u.num_train_timesteps, beta_schedule=u.beta_schedule,
-                                       prediction_type=u.prediction_type, clip_sample=False)
-        unet = build_unet(self.sample_shape, num_classes, list(u.block_out_channels), u.layers_per_block, u.attention)
-        self.denoiser = Denoiser(UNetAdapter(unet), vp_schedule(self.scheduler.alphas_cumprod), u.prediction_type,
-                                 num_classes=num_classes)
-        self.ema = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
-        self.num_classes = num_classes
         self.max_steps = cfg.trainer.max_steps
         self.progress_postfix: dict[str, float] = {}
         self._acc: list[float] = []
@@ -59,22 +56,6 @@ class TeacherModule(L.LightningModule):
     def _step_generator(self) -> torch.Generator:
         seed = np.random.SeedSequence([self.cfg.trainer.seed, self.global_rank, self.global_step]).generate_state(1)[0]
         return torch.Generator(device=self.device).manual_seed(int(seed))
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x0, labels = batch
-        rng = self._step_generator()
-        N = x0.shape[0]
-        drop = torch.rand(N, generator=rng, device=self.device) < self.cfg.unet.class_dropout
-        labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)  # null label for CFG
-        t = torch.randint(0, self.denoiser.T, (N,), generator=rng, device=self.device)
-        eps = torch.randn(x0.shape, generator=rng, device=self.device)
-        x_t = self.denoiser.schedule.add_noise(x0, eps, t)
-        a, s = self.denoiser.schedule.coefficients(t, x0)
-        target = from_x0(x0, x_t, a, s, self.cfg.unet.prediction_type)  # eps, v or x0
-        raw = self.denoiser.net(x_t, t, labels)
-        loss = torch.nn.functional.mse_loss(raw.float(), target.float())
-        self._acc.append(loss.item())
-        return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if self.cfg.optim.grad_clip > 0:
@@ -112,6 +93,43 @@ class TeacherModule(L.LightningModule):
         if self.step >= self.max_steps:
             self.trainer.should_stop = True
 
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["distill"] = {"step": self.step, "config": to_yaml(self.cfg)}
+
+
+class TeacherModule(TeacherTraining):
+    """kind unet: a class-conditional UNet2DModel trained on the shards' images."""
+
+    def __init__(self, cfg: TeacherTrainConfig, sample_shape: tuple[int, int, int], num_classes: int):
+        super().__init__(cfg)
+        from diffusers import DDPMScheduler
+
+        u = cfg.unet
+        self.sample_shape = tuple(sample_shape)
+        self.scheduler = DDPMScheduler(num_train_timesteps=u.num_train_timesteps, beta_schedule=u.beta_schedule,
+                                       prediction_type=u.prediction_type, clip_sample=False)
+        unet = build_unet(self.sample_shape, num_classes, list(u.block_out_channels), u.layers_per_block, u.attention)
+        self.denoiser = Denoiser(UNetAdapter(unet), vp_schedule(self.scheduler.alphas_cumprod), u.prediction_type,
+                                 num_classes=num_classes)
+        self.ema = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        self.num_classes = num_classes
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, labels = batch
+        rng = self._step_generator()
+        N = x0.shape[0]
+        drop = torch.rand(N, generator=rng, device=self.device) < self.cfg.unet.class_dropout
+        labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)  # null label for CFG
+        t = torch.randint(0, self.denoiser.T, (N,), generator=rng, device=self.device)
+        eps = torch.randn(x0.shape, generator=rng, device=self.device)
+        x_t = self.denoiser.schedule.add_noise(x0, eps, t)
+        a, s = self.denoiser.schedule.coefficients(t, x0)
+        target = from_x0(x0, x_t, a, s, self.cfg.unet.prediction_type)  # eps, v or x0
+        raw = self.denoiser.net(x_t, t, Condition(labels=labels))  # the adapters take a Condition
+        loss = torch.nn.functional.mse_loss(raw.float(), target.float())
+        self._acc.append(loss.item())
+        return loss
+
     @torch.no_grad()
     def sample_image(self, steps: int | None = None, guidance_scale: float | None = None, cols: int = 10):
         """DDIM samples of the EMA teacher: one row per class."""
@@ -130,6 +148,3 @@ class TeacherModule(L.LightningModule):
         (out / "distill.json").write_text(json.dumps({"step": self.step, **(extra or {})}, indent=2) + "\n")
         (out / "train_config.yaml").write_text(to_yaml(self.cfg))
         return out
-
-    def on_save_checkpoint(self, checkpoint) -> None:
-        checkpoint["distill"] = {"step": self.step, "config": to_yaml(self.cfg)}

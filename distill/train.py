@@ -91,9 +91,11 @@ def fit(cfg, allow_changes: tuple[str, ...] | list[str] = ()) -> RunResult:
 
 
 def train_teacher(cfg, allow_changes: tuple[str, ...] | list[str] = (), overwrite: bool = False) -> RunResult:
-    """`distill teacher`: train a class-conditional diffusers UNet on shards; save it (EMA weights) to cfg.out,
-    or to <run.dir>/teacher when cfg.out is empty. An existing teacher folder is never written into unless
-    `overwrite` is set."""
+    """`distill teacher`: train a class-conditional diffusers UNet (kind unet) or a latent text-to-image Stable
+    Diffusion pipeline (kind t2i, distill.pretrain_t2i) on shards; save it (EMA weights) to cfg.out, or to
+    <run.dir>/teacher when cfg.out is empty. An existing teacher folder is never written into unless `overwrite`
+    is set. Kind t2i first trains its VAE (or reuses <run.dir>/vae), and ends by measuring the saved pipeline's
+    prompt accuracy (cfg.eval) into its distill.json."""
     import lightning as L
 
     from distill.data import ShardDataModule, read_meta
@@ -109,23 +111,41 @@ def train_teacher(cfg, allow_changes: tuple[str, ...] | list[str] = (), overwrit
     if out.exists() and any(out.iterdir()) and not (overwrite or own):
         raise DistillError(f"teacher output folder {str(out)!r} already holds files; expected a new folder (set "
                            f"out=... or leave it empty for <run.dir>/teacher), or pass --overwrite to replace it")
-    meta = read_meta(cfg.data.path)
-    shape = (int(meta["channels"]), *map(int, meta["resolution"]))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    module = TeacherModule(cfg, shape, int(meta["num_classes"]))
+    t2i = cfg.kind == "t2i"
+    if t2i:
+        from distill import pretrain_t2i
+        from distill.synthetic import StepStream
+
+        module = pretrain_t2i.T2ITeacherModule(cfg, *pretrain_t2i.load_digits(cfg.data.path, "train"))
+    else:
+        meta = read_meta(cfg.data.path)
+        shape = (int(meta["channels"]), *map(int, meta["resolution"]))
+        module = TeacherModule(cfg, shape, int(meta["num_classes"]))
     plan = plan_resume(run_dir, cfg, allow_changes, module)
     if plan.up_to_date:
         return _up_to_date(run_dir, plan.step, cfg.trainer.max_steps)
     world = cfg.trainer.devices * cfg.trainer.num_nodes
-    datamodule = ShardDataModule(cfg.data.path, cfg.data.batch_size // world, num_workers=cfg.data.num_workers,
-                                 seed=data_seed(cfg.trainer.seed, plan.step), shuffle_buffer=cfg.data.shuffle_buffer)
+    if t2i:  # each step draws its batch from the digits in memory (a function of seed, rank and step)
+        datamodule = StepStream()
+    else:
+        datamodule = ShardDataModule(cfg.data.path, cfg.data.batch_size // world, num_workers=cfg.data.num_workers,
+                                     seed=data_seed(cfg.trainer.seed, plan.step),
+                                     shuffle_buffer=cfg.data.shuffle_buffer)
     start_run(cfg, run_dir, plan, given)
+    vae_info = None
+    if t2i and plan.ckpt is None:  # a resumed run gets its VAE back from the checkpoint
+        vae_info = pretrain_t2i.prepare_vae(module, run_dir, cfg, progress=cfg.logging.progress_bar)
     result = _run(cfg, run_dir, module, datamodule, plan, [], "distill teacher", report=False)
     if result.status == "finished" and is_rank_zero():
         from distill.plots import save_atomic
 
-        saved = module.save_teacher(cfg.out, extra={"train_seconds_this_invocation": round(result.seconds, 1),
-                                                    "command": " ".join(["distill", *sys.argv[1:]])})
+        extra = {"train_seconds_this_invocation": round(result.seconds, 1),
+                 "command": " ".join(["distill", *sys.argv[1:]])}
+        if t2i:
+            pretrain_t2i.finish(cfg, run_dir, module, result, extra, vae_info)
+            return result
+        saved = module.save_teacher(cfg.out, extra=extra)
         save_atomic(module.sample_image(), saved / "samples.png")
         print(f"\ndone: {result.step - result.start_step} steps in {result.seconds:.1f} s (now at step "
               f"{result.step}); teacher saved to {saved} (unet/, scheduler/, samples.png with {cfg.sample_steps} "
@@ -319,8 +339,10 @@ def plan_resume(run_dir: Path, cfg, allow_changes, module) -> ResumePlan:
 
 def check_fits(ckpt: Path, saved: dict, module) -> None:
     """A checkpoint written by another configuration (other networks) is named as such, before Lightning fails."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.startswith("teacher.")}
-    got = {k: tuple(v.shape) for k, v in saved.items() if not k.startswith("teacher.")}
+    # entries reloaded from the teacher's folder are not stored (the distillation module says which)
+    reloaded = getattr(module, "reloaded", lambda k: k.startswith("teacher."))
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items() if not reloaded(k)}
+    got = {k: tuple(v.shape) for k, v in saved.items() if not reloaded(k)}
     for key in sorted(set(expected) | set(got)):
         if expected.get(key) != got.get(key):
             raise DistillError(f"checkpoint {str(ckpt)!r} was written for other networks ({key}: "
@@ -493,7 +515,7 @@ def fit_data(cfg, module, seed: int):
     shards are still checked against the teacher, since evaluation reads them."""
     from distill.synthetic import StepStream
 
-    if cfg.teacher.kind == "diffusers":
+    if cfg.teacher.kind == "diffusers" and module.text is None:  # a text teacher has read its prompts already
         check_shards_fit(cfg, module)
     return StepStream()
 

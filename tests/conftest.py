@@ -48,6 +48,27 @@ def tiny_teacher(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random text-to-image pipelines in the SD 1.x ("sd15") and SDXL ("sdxl") layouts (tests/tiny_pipelines.py)."""
+    from tiny_pipelines import build_pipeline
+
+    base = tmp_path_factory.mktemp("tiny_pipelines")
+    return {kind: build_pipeline(base / kind, kind) for kind in ("sd15", "sdxl")}
+
+
+@pytest.fixture(scope="session")
+def digit_prompt_shards(tmp_path_factory) -> Path:
+    """Prompt shards of the ten prompts `a handwritten <zero..nine>`."""
+    from distill.data import write_prompt_shards
+    from distill.metrics import DIGIT_WORDS
+
+    base = tmp_path_factory.mktemp("digit_prompts")
+    (base / "prompts.txt").write_text("\n".join(f"a handwritten {w}" for w in DIGIT_WORDS) + "\n")
+    write_prompt_shards(base / "prompts.txt", base / "shards", val_fraction=0.1, seed=0, shard_size=8)
+    return base / "shards"
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m distill ARGS` in a subprocess (as a user would run it)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -5,6 +5,7 @@ import pytest
 from conftest import REPO, run_cli
 from distill.config import FitConfig, TeacherTrainConfig, all_keys, describe, load_config
 from distill.errors import ConfigError, DistillError
+from distill.train import _flat
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -18,19 +19,24 @@ def test_there_are_configs():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_config_parses_and_builds(path, digits_shards, tiny_teacher, tmp_path):
+def test_every_config_parses_and_builds(path, digits_shards, tiny_teacher, tiny_pipelines, digit_prompt_shards,
+                                        tmp_path):
+    """Each shipped config loads and builds its module, with tiny stand-ins of the same kind for its teacher and
+    data (a text-to-image config gets a tiny pipeline of its layout and prompt shards)."""
     schema = _schema_for(path)
     overrides = [f"run.dir={tmp_path / 'run'}"]
     import yaml
 
     raw = yaml.safe_load(path.read_text())
+    text = "prompts" in str(raw.get("data", {}).get("path"))  # the text-to-image configs read prompt shards
     if raw.get("data", {}).get("path") is not None or schema is TeacherTrainConfig:
-        overrides.append(f"data.path={digits_shards}")
+        overrides.append(f"data.path={digit_prompt_shards if text and schema is FitConfig else digits_shards}")
     if raw.get("teacher", {}).get("kind", "diffusers") == "diffusers" and schema is FitConfig:
-        overrides.append(f"teacher.path={tiny_teacher}")
+        teacher = tiny_pipelines["sdxl" if "xl" in path.name else "sd15"] if text else tiny_teacher
+        overrides.append(f"teacher.path={teacher}")
     cfg = load_config(schema, path, overrides)
     # every key the YAML sets is a real key (load_config would have raised otherwise) and survives the merge
-    flat = {k: v for k, v in _flatten(raw).items()}
+    flat = {k: v for k, v in _flat(raw).items()}
     for key, value in flat.items():
         if key in ("run.dir", "data.path", "teacher.path"):
             continue
@@ -43,20 +49,14 @@ def test_every_config_parses_and_builds(path, digits_shards, tiny_teacher, tmp_p
 
         module = DMDModule(cfg)
         assert module.step == 0 and module.max_steps == cfg.trainer.max_steps
+    elif cfg.kind == "t2i":
+        from distill.pretrain_t2i import T2ITeacherModule, load_digits
+
+        T2ITeacherModule(cfg, *load_digits(digits_shards))
     else:
         from distill.pretrain import TeacherModule
 
         TeacherModule(cfg, (1, 8, 8), 10)
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def test_every_key_has_help():

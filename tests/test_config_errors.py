@@ -37,16 +37,21 @@ UNBOUNDED = [  # (schema, key, expected) for the float fields whose range has no
     (FitConfig, "teacher.gmm_radius", "a finite number > 0"),
     (FitConfig, "teacher.gmm_std", "a finite number > 0"),
     (FitConfig, "estimator.adaptive_smoothing", "a finite number >= 0"),
+    (FitConfig, "generator.lora_alpha", "a finite number > 0"),
+    (FitConfig, "fake_score.lora_alpha", "a finite number > 0"),
     (TeacherTrainConfig, "optim.lr", "a finite number > 0"),
     (TeacherTrainConfig, "optim.weight_decay", "a finite number >= 0"),
     (TeacherTrainConfig, "optim.grad_clip", "a finite number >= 0"),
     (TeacherTrainConfig, "sample_guidance_scale", "a finite number >= 0"),
+    (TeacherTrainConfig, "vae.lr", "a finite number > 0"),
+    (TeacherTrainConfig, "vae.kl_weight", "a finite number >= 0"),
 ]
 BOUNDED = [
     (FitConfig, "generator.ema_decay"), (FitConfig, "estimator.t_min"), (FitConfig, "estimator.t_max"),
     (FitConfig, "estimator.adaptive_ema"), (FitConfig, "estimator.adaptive_floor"),
     (FitConfig, "estimator.adaptive_mix"), (FitConfig, "estimator.auto_ema"),
     (TeacherTrainConfig, "optim.ema_decay"), (TeacherTrainConfig, "unet.class_dropout"),
+    (TeacherTrainConfig, "t2i.caption_dropout"),
 ]
 
 
@@ -60,7 +65,7 @@ def test_every_float_field_is_covered():
     for schema in (FitConfig, TeacherTrainConfig):
         floats = {k for k, f in all_keys(schema).items() if "float" in str(f.type)}
         listed = {k for s, k, *_ in UNBOUNDED + BOUNDED if s is schema}
-        assert floats == (listed | {"optim.betas"} if schema is FitConfig else listed)
+        assert floats == (listed | {"optim.betas"} if schema is FitConfig else listed | {"eval.guidance_scales"})
 
 
 @pytest.mark.parametrize("schema, key, expected", UNBOUNDED, ids=lambda v: v if isinstance(v, str) else "")

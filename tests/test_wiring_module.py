@@ -4,6 +4,7 @@ new noise. Each test checks what a one-line slip in the wiring would change (see
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -84,3 +85,23 @@ def test_health_counters_survive_a_checkpoint_round_trip():
     other.on_load_checkpoint(ckpt)
     assert other.health.tolist() == [5.0, 2.0, 2.0, 17.0]
     assert other.check_health() == {"health/nonfinite_steps": 5.0, "health/last_nonfinite_step": 17.0}
+
+
+def test_learning_rate_warms_up_linearly_then_holds(tmp_path):
+    """optim.warmup_steps = 4: step s trains at (s + 1) / 4 of each configured rate, so a run stopped after 2 steps
+    checkpoints half the rates, and one of 6 steps the full rates (the rate is a function of the step: a resumed
+    run takes the same)."""
+    from distill.config import FitConfig, load_config
+    from distill.train import fit
+
+    def rates(steps: int) -> list[float]:
+        run = tmp_path / f"run{steps}"
+        cfg = load_config(FitConfig, GMM, [f"run.dir={run}", *QUIET, f"trainer.max_steps={steps}", "optim.ttur=1",
+                                           "optim.warmup_steps=4", "optim.lr_generator=1e-3",
+                                           "optim.lr_fake_score=3e-3", f"trainer.checkpoint_every_steps={steps}"])
+        assert fit(cfg).exit_code == 0
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        return [s["param_groups"][0]["lr"] for s in ckpt["optimizer_states"]]
+
+    assert rates(2) == pytest.approx([0.5e-3, 1.5e-3], rel=1e-12)
+    assert rates(6) == pytest.approx([1e-3, 3e-3], rel=1e-12)

@@ -134,15 +134,14 @@ class GradientVariance(L.Callback):
         seed = np.random.SeedSequence([m.cfg.trainer.seed, m.global_rank, m.step, 2]).generate_state(1)[0]
         rng = torch.Generator(device=m.device).manual_seed(int(seed))
         z = torch.randn((N, *m.sample_shape()), generator=rng, device=m.device)
-        labels = (torch.randint(0, m.teacher.num_classes, (N,), generator=rng, device=m.device)
-                  if m.conditional else None)
+        cond = m.sample_condition(N, rng, host_rng=torch.Generator().manual_seed(int(seed)))
         with torch.enable_grad():
-            x = m.generator(z, labels)
-            sb, sw_q = m.split_half_estimate(x, labels, m.sampler, self.draws, rng)
+            x = m.generator(z, cond)
+            sb, sw_q = m.split_half_estimate(x, cond, m.sampler, self.draws, rng)
             if m.sampler.kind == "uniform":  # q = p: the same estimate serves both (no extra noise in the ratio)
                 sb_p, sw_p = sb, sw_q
             else:
-                sb_p, sw_p = m.split_half_estimate(x, labels, TimestepSampler(m.sampler.p), self.draws, rng)
+                sb_p, sw_p = m.split_half_estimate(x, cond, TimestepSampler(m.sampler.p), self.draws, rng)
         K = m.k_control.K
         c_u, c_i = m._cost_pair()
         var_method = max(sb, 0.0) / N + max(sw_q, 0.0) / (N * K)
@@ -174,9 +173,24 @@ class FIDMonitor(L.Callback):
         self.metrics = None
         self._last = -1
         e = cfg.eval
+        shape = tuple(pl_module.eval_shape())  # decoded (and resized) images for a latent teacher
         self.extractor = M.extractor_for(e.features, e.features_path, e.inception_weights,
-                                         num_features=math.prod(pl_module.sample_shape())).eval()
-        self.extractor.check_input(tuple(pl_module.sample_shape()))
+                                         num_features=math.prod(shape)).eval()
+        self.extractor.check_input(shape)
+        # prompt accuracy: the digits classifier against the digit each evaluation prompt names
+        self.prompts = list(pl_module.prompts) if e.prompt_accuracy else None
+        if self.prompts is not None:
+            if not self.prompts:
+                from distill.errors import ConfigError
+
+                raise ConfigError("eval.prompt_accuracy", "true only for a text-to-image teacher (it reads the "
+                                  "prompts' digits); this teacher takes no prompts")
+            M.prompt_digits(self.prompts)  # every prompt names a digit, or stop now
+        if e.fid_ref is None and pl_module.text is not None:
+            from distill.errors import ConfigError
+
+            raise ConfigError("eval.fid_ref", "reference statistics (`distill stats`) for a text-to-image teacher: "
+                              "data.path holds prompts, not images; or eval.fid_every_steps=0")
         if e.fid_ref is not None:
             self.ref = M.load_stats(e.fid_ref, expected_extractor_id=self.extractor.extractor_id,
                                     num_features=self.extractor.num_features)
@@ -230,15 +244,25 @@ class FIDMonitor(L.Callback):
         share = [e.fid_num_samples // world + (r < e.fid_num_samples % world) for r in range(world)]
         start = sum(share[:rank])
         shape = pl_module.sample_shape()
-        num_classes = getattr(pl_module.teacher, "num_classes", None)
         out = {}
         for name, model in (("ema", pl_module.ema), ("raw_generator", pl_module.generator)):
             metric = self.metrics[name]
             metric.reset()  # keeps the real side (reset_real_features=False)
-            for batch in generator_batches(model, shape, num_classes, share[rank], e.fid_batch_size, PROTOCOL_SEED,
-                                           pl_module.device, start=start):
+            batches = generator_batches(model, shape, pl_module.protocol_condition, share[rank], e.fid_batch_size,
+                                        PROTOCOL_SEED, pl_module.device, start=start, decode=pl_module.eval_images)
+            if self.prompts is not None:
+                from distill.metrics import PromptAccuracy
+
+                counter = PromptAccuracy(self.extractor.classifier, self.prompts, start)
+                batches = counter.observe(batches)
+            for batch in batches:
                 metric.update(batch, real=False)
             out[f"fid/{name}"] = float(metric.compute())
+            if self.prompts is not None:
+                counts = torch.tensor([counter.correct, counter.n], dtype=torch.float64, device=pl_module.device)
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(counts)
+                out[f"prompt/accuracy_{name}"] = float(counts[0] / counts[1])
         out["fid/num_samples"] = float(e.fid_num_samples)
         pl_module.accumulate(out)
         if out["fid/ema"] < self.best:
