@@ -407,7 +407,8 @@ class FitConfig:
             _check(world > 1, "estimator.stratify", "global only with several devices (trainer.devices x "
                    "trainer.num_nodes > 1); use batch on one device", e.stratify)
         per_device = self.data.batch_size // world
-        if self.eval.fid_ref is not None and not os.path.isfile(self.eval.fid_ref):
+        # fit reads the reference statistics only for the in-loop FID: with it off, a missing file is no error
+        if self.eval.fid_every_steps and self.eval.fid_ref is not None and not os.path.isfile(self.eval.fid_ref):
             raise ConfigError("eval.fid_ref", f"file {self.eval.fid_ref!r} does not exist; expected reference "
                               f"statistics from `distill stats` (or an EDM-style npz with mu and sigma)")
         if self.teacher.kind == "gmm" and self.eval.fid_every_steps:

@@ -34,11 +34,13 @@ def test_every_config_parses_and_builds(path, digits_shards, tiny_teacher, tiny_
     if raw.get("teacher", {}).get("kind", "diffusers") == "diffusers" and schema is FitConfig:
         teacher = tiny_pipelines["sdxl" if "xl" in path.name else "sd15"] if text else tiny_teacher
         overrides.append(f"teacher.path={teacher}")
+    if raw.get("eval", {}).get("fid_ref") is not None:  # made by `make data`, which a fresh clone has not run
+        overrides.append(f"eval.fid_ref={_stats(digits_shards, tmp_path / 'ref.npz')}")
     cfg = load_config(schema, path, overrides)
     # every key the YAML sets is a real key (load_config would have raised otherwise) and survives the merge
     flat = {k: v for k, v in _flat(raw).items()}
     for key, value in flat.items():
-        if key in ("run.dir", "data.path", "teacher.path"):
+        if key in ("run.dir", "data.path", "teacher.path", "eval.fid_ref"):
             continue
         got = cfg
         for part in key.split("."):
@@ -57,6 +59,16 @@ def test_every_config_parses_and_builds(path, digits_shards, tiny_teacher, tiny_
         from distill.pretrain import TeacherModule
 
         TeacherModule(cfg, (1, 8, 8), 10)
+
+
+def _stats(shards, out):
+    from distill.data import iterate_split
+    from distill.metrics import build_extractor, compute_stats, save_stats
+
+    extractor = build_extractor("digits")
+    save_stats(out, {**compute_stats(extractor, iterate_split(shards, "train", batch_size=256)),
+                     "extractor_id": extractor.extractor_id})
+    return out
 
 
 def test_every_key_has_help():
@@ -112,6 +124,17 @@ def test_missing_files_and_bad_syntax(tmp_path):
         load_config(FitConfig, REPO / "configs" / "gmm.yaml", ["trainer.max_steps"])
     with pytest.raises(ConfigError, match="teacher.path"):
         load_config(FitConfig, None, [f"teacher.path={tmp_path / 'none'}", f"data.path={tmp_path}"])
+
+
+def test_a_missing_fid_ref_is_refused_only_when_the_in_loop_fid_reads_it(tmp_path):
+    """`eval.fid_ref` names a file only `eval.fid_every_steps > 0` reads: with the in-loop FID off (how the README
+    runs another pipeline with configs/t2i-digits.yaml) a missing file must not stop the run."""
+    missing = f"eval.fid_ref={tmp_path / 'none.npz'}"
+    gmm = REPO / "configs" / "gmm.yaml"
+    with pytest.raises(ConfigError, match="does not exist") as e:
+        load_config(FitConfig, gmm, [missing, "eval.fid_every_steps=5", "eval.features=raw"])
+    assert e.value.key == "eval.fid_ref"
+    assert load_config(FitConfig, gmm, [missing, "eval.fid_every_steps=0"]).eval.fid_every_steps == 0
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -16,6 +16,7 @@ from conftest import REPO
 from tiny_pipelines import build_pipeline
 
 T2I = str(REPO / "configs" / "t2i-digits.yaml")
+NO_FID = ["eval.fid_every_steps=0"]  # the config's eval.fid_ref is made by `make data`, which a fresh clone lacks
 PROMPTS = ["a handwritten seven", "a handwritten one", "a photo of a handwritten two", "a handwritten zero, ink",
            "a handwritten nine", "three"]
 
@@ -179,7 +180,7 @@ def test_fit_names_a_bad_pipeline_folder_before_writing_anything(pipelines, prom
     shutil.rmtree(no_unet / "unet")
     run_dir = tmp_path / "run"
     code = main(["fit", "--config", T2I, f"run.dir={run_dir}", f"teacher.path={no_unet}",
-                 f"data.path={prompt_shards}"])
+                 f"data.path={prompt_shards}", "eval.fid_every_steps=0"])
     err = capsys.readouterr().err
     assert code != 0 and "lacks unet" in err and len(err.strip().splitlines()) == 1
     assert not run_dir.exists()
@@ -292,7 +293,7 @@ def test_gradient_checkpointing_changes_memory_not_the_result(pipelines, prompt_
     from distill.config import FitConfig, load_config
     from distill.module import DMDModule
 
-    cfg = load_config(FitConfig, T2I, [f"teacher.path={pipelines['sd15']}", f"data.path={prompt_shards}",
+    cfg = load_config(FitConfig, T2I, [f"teacher.path={pipelines['sd15']}", f"data.path={prompt_shards}", *NO_FID,
                                        "generator.gradient_checkpointing=true"])
     m = DMDModule(cfg)
     assert m.generator.denoiser.net.unet.is_gradient_checkpointing
@@ -317,7 +318,7 @@ def test_bf16_mixed_precision_with_a_bf16_frozen_teacher_trains_on_the_cpu(pipel
     for r in rows:
         for name in ("loss/generator_dm", "loss/fake_score"):
             assert float(r[name]) == float(r[name]) and abs(float(r[name])) < float("inf"), (name, r[name])
-    cfg = load_config(FitConfig, T2I, [f"teacher.path={pipelines['sd15']}", f"data.path={prompt_shards}",
+    cfg = load_config(FitConfig, T2I, [f"teacher.path={pipelines['sd15']}", f"data.path={prompt_shards}", *NO_FID,
                                        "teacher.dtype=bfloat16"])
     m = DMDModule(cfg)
     assert m.teacher.net.unet.dtype == torch.bfloat16 and m.codec.vae.dtype == torch.bfloat16
@@ -419,7 +420,7 @@ def test_each_step_draws_its_prompts_from_seed_rank_and_step(pipelines, prompt_s
     from distill.config import FitConfig, load_config
     from distill.module import DMDModule
 
-    cfg = load_config(FitConfig, T2I, [f"teacher.path={pipelines['sd15']}", f"data.path={prompt_shards}"])
+    cfg = load_config(FitConfig, T2I, [f"teacher.path={pipelines['sd15']}", f"data.path={prompt_shards}", *NO_FID])
     m = DMDModule(cfg)
     seen = {}
     for step in (0, 1, 0):
@@ -439,7 +440,7 @@ def test_fsdp_on_the_cpu_is_refused_in_one_line(pipelines, prompt_shards):
     from distill.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"trainer.strategy.*FSDP needs GPUs"):
-        load_config(FitConfig, T2I, [f"teacher.path={pipelines['sd15']}", f"data.path={prompt_shards}",
+        load_config(FitConfig, T2I, [f"teacher.path={pipelines['sd15']}", f"data.path={prompt_shards}", *NO_FID,
                                      "trainer.strategy=fsdp", "trainer.accelerator=cpu"])
 
 
