@@ -40,13 +40,13 @@ def bare_loop(steps: int, batch: int = 32, ttur: int = 5) -> None:
 
     from distill.config import FitConfig, load_config
     from distill.losses import denoising_loss, dmd_grad, dmd_loss
-    from distill.teachers import OneStepGenerator, ema_update, load_diffusers_teacher, sample_shape_of, trainable_copy
+    from distill.teachers import Generator, ema_update, load_diffusers_teacher, sample_shape_of, trainable_copy
 
     cfg = load_config(FitConfig, REPO / "configs/digits.yaml", [f"data.path={REPO / 'data'}"])  # DMD reads no data
     torch.manual_seed(0)
     teacher = load_diffusers_teacher(REPO / cfg.teacher.path).requires_grad_(False).eval()
     fake = trainable_copy(teacher)
-    gen = OneStepGenerator(trainable_copy(teacher), cfg.generator.t_init)
+    gen = Generator(trainable_copy(teacher), cfg.generator.t_init)
     ema = copy.deepcopy(gen).requires_grad_(False).eval()
     o = cfg.optim
     kw = dict(betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)

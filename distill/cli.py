@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--steps", type=int, default=2000, help="training steps [2000]")
     cl.add_argument("--seed", type=int, default=0, help="seed [0]")
 
-    data = sub.add_parser("data", help="write webdataset shards (digits, images, prompts, captioned images)",
+    data = sub.add_parser("data", help="write webdataset shards (digits, images, prompts, captioned images, latents)",
                           description="Write webdataset tar shards: train-*.tar, val-*.tar and meta.json.",
                           formatter_class=_Formatter)
     dsub = data.add_subparsers(dest="data_command", metavar="SOURCE", required=True)
@@ -172,6 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
             "<key>.txt. An image without its caption, a caption without its image, an unreadable image and a blank "
             "or non-UTF-8 caption are skipped, each named on stderr and counted in meta.json.", 108))
     c.add_argument("--src", required=True, metavar="FOLDER", help="folder of images and their .txt captions")
+    la = dsub.add_parser(
+        "latents", help="latents of image or caption shards, encoded once by a latent teacher's VAE (GAN real data)",
+        formatter_class=_Formatter,
+        description=textwrap.fill(
+            "Encode every image of SHARDS (written by `distill data shards|digits` or `distill data captions`) once "
+            "with the frozen VAE of the Stable Diffusion pipeline folder PIPELINE (a posterior draw, scaled as the "
+            "UNet sees latents) -> samples <key>.npy (float16) + <key>.cls or <key>.txt, with the same keys and "
+            "train/val splits: the real data of DMD2's GAN term for a latent teacher (gan.data). The images must "
+            "have the VAE's input size (the UNet's sample_size times the VAE's scale factor) and channels.", 108))
+    la.add_argument("--teacher", required=True, metavar="PIPELINE", help="Stable Diffusion (1.x/2.x or XL) pipeline "
+                    "folder whose VAE encodes")
+    la.add_argument("--src", required=True, metavar="SHARDS", help="image shards (with labels) or caption shards")
+    la.add_argument("--out", required=True, metavar="DIR", help="output folder (must be new or empty, unless "
+                    "--overwrite)")
+    la.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per VAE call [64]")
+    la.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior draws [0]")
+    la.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (a GPU when there is one) [cpu]")
+    la.add_argument("--overwrite", action="store_true",
+                    help="replace a non-empty output folder (only once the new one is complete)")
     for sp in (f, pr, c):  # each has its --src; what they share
         sp.add_argument("--out", required=True, metavar="DIR", help="output folder (must hold no shards yet)")
         if sp is not pr:
@@ -227,6 +246,17 @@ def _allowed(args: argparse.Namespace) -> list[str]:
 def cmd_data(args: argparse.Namespace) -> int:
     from distill import data
 
+    if args.data_command == "latents":
+        if args.batch_size < 1:
+            raise DistillError(f"--batch-size {args.batch_size}: expected an integer >= 1")
+        meta = data.write_latent_shards(args.teacher, args.src, args.out, batch_size=args.batch_size, seed=args.seed,
+                                        device=args.device, overwrite=args.overwrite)
+        what = f"{meta['num_classes']} classes" if "num_classes" in meta else "with captions"
+        print(f"wrote {meta['train']} train and {meta['val']} val latents ({what}, "
+              f"{'x'.join(map(str, meta['latent_shape']))} {meta['dtype']}, largest float16 round-trip error "
+              f"{meta['float16_max_abs_error']:.2g}) to {args.out}, encoded from {args.src} by the VAE of "
+              f"{args.teacher}")
+        return 0
     if not 0 < args.val_fraction < 1:
         raise DistillError(f"--val-fraction {args.val_fraction}: expected a fraction in (0, 1)")
     if args.shard_size < 1:

@@ -166,10 +166,14 @@ class TeacherConfig:
 
 @dataclass
 class GeneratorConfig:
-    """The one-step generator G(z) = D_theta(x_init(z), t_init)."""
+    """The student: one step G(z) = D_theta(x_init(z), t_init), or a few steps with re-noising (DMD2 §4.4-4.5)."""
 
     init: str = _f("teacher", "teacher (copy the teacher's network) | mlp (a fresh MLP, for 2-D teachers)")
-    t_init: Optional[int] = _f(None, "time index the generator is evaluated at (default: the last, T-1)")
+    t_init: Optional[int] = _f(None, "time index the one-step generator is evaluated at (default: the last, T-1)")
+    timesteps: Optional[list[int]] = _f(
+        None, "a multi-step student's time indices, strictly decreasing, e.g. [999, 749, 499, 249] for DMD2's four "
+              "steps with T = 1000: each step predicts x0, the next re-noises it with fresh noise; trained by "
+              "backward simulation; null: one step at t_init", "a list of strictly decreasing integers >= 0")
     ema_decay: float = _f(0.999, "EMA decay of the generator copy used for samples")
     lora_rank: int = _f(0, "LoRA rank of the generator (peft adapters on attention, feed-forward, convolutions and "
                            "the time-embedding projection; only they train and are saved); 0: a full copy (DMD2: 64 "
@@ -185,13 +189,47 @@ class GeneratorConfig:
         _check(self.lora_rank >= 0, "generator.lora_rank", "an integer >= 0", self.lora_rank)
         _check(_finite(self.lora_alpha) and self.lora_alpha > 0, "generator.lora_alpha", "a finite number > 0",
                self.lora_alpha)
-        # the upper bound, the teacher's T, is checked where the teacher is known (OneStepGenerator)
+        # the upper bound, the teacher's T, is checked where the teacher is known (distill.teachers.Generator)
         _check(self.t_init is None or self.t_init >= 0, "generator.t_init",
                "an integer >= 0 (or null: the last index, T-1)", self.t_init)
+        if self.timesteps is not None:
+            ts = list(self.timesteps)
+            _check(len(ts) >= 1 and all(isinstance(t, int) and t >= 0 for t in ts), "generator.timesteps",
+                   "a non-empty list of integers >= 0 (or null: one step at t_init)", ts)
+            _check(all(a > b for a, b in zip(ts, ts[1:])), "generator.timesteps",
+                   "strictly decreasing time indices (sampling starts at the first)", ts)
+            _check(self.t_init is None or self.t_init == ts[0], "generator.t_init",
+                   f"null or the first of generator.timesteps ({ts[0]}) when both are set", self.t_init)
         _check(_finite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0, "generator.ema_decay", "a number in [0, 1)",
                self.ema_decay)
         _check(self.mlp_hidden >= 1, "generator.mlp_hidden", "an integer >= 1", self.mlp_hidden)
         _check(self.mlp_depth >= 1, "generator.mlp_depth", "an integer >= 1", self.mlp_depth)
+
+
+@dataclass
+class GANConfig:
+    """DMD2's GAN term (§4.3): a classifier head on the fake score's bottleneck (its UNet mid-block output), on real
+    and generated samples noised at t ~ U[0, T) (Diffusion-GAN). Head and fake score share one optimiser."""
+
+    weight_generator: float = _f(0.0, "weight of the generator's loss softplus(-f(fake)); 0: the GAN term is off "
+                                      "(DMD2: 3e-3 ImageNet-64, 1e-3 SD 1.5, 5e-3 SDXL)")
+    weight_discriminator: float = _f(0.0, "weight of the discriminator loss softplus(f(fake)) + softplus(-f(real)), "
+                                          "added to the fake score's loss (DMD2: 1e-2)")
+    data: Optional[str] = _f(None, "real data: image shards for a pixel teacher (null: data.path), latent shards "
+                                   "for a latent teacher (`distill data latents --teacher PIPELINE --src SHARDS "
+                                   "--out DIR`)")
+
+    def __post_init__(self) -> None:
+        for key in ("weight_generator", "weight_discriminator"):
+            value = getattr(self, key)
+            _check(_finite(value) and value >= 0, f"gan.{key}", "a finite number >= 0", value)
+        _check((self.weight_generator > 0) == (self.weight_discriminator > 0), "gan.weight_discriminator",
+               "both gan weights > 0 (the GAN term on) or both 0 (off): a head that never trains, or one that trains "
+               "for nothing, is a mistake", self.weight_discriminator)
+
+    @property
+    def on(self) -> bool:
+        return self.weight_generator > 0
 
 
 @dataclass
@@ -364,6 +402,7 @@ class FitConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     fake_score: FakeScoreConfig = field(default_factory=FakeScoreConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -398,6 +437,16 @@ class FitConfig:
                 _check(self.generator.t_init < t.num_timesteps, "generator.t_init",  # T is known here: say so now
                        f"an index in [0, {t.num_timesteps}) of the teacher's {t.num_timesteps} time steps",
                        self.generator.t_init)
+            if self.generator.timesteps is not None:
+                _check(max(self.generator.timesteps) < t.num_timesteps, "generator.timesteps",
+                       f"indices in [0, {t.num_timesteps}) of the teacher's {t.num_timesteps} time steps",
+                       self.generator.timesteps)
+        if self.gan.on:
+            _check(t.kind == "diffusers", "gan.weight_generator", "0 for the gmm teacher: the GAN head reads a UNet's "
+                   "bottleneck, which the mixture's networks do not have", self.gan.weight_generator)
+            if read_data and self.gan.data is not None:
+                _check_dir(self.gan.data, "gan.data", "a folder of real image or latent shards (see `distill data "
+                           "--help`)")
         if read_data and self.data.path is not None:
             _check_dir(self.data.path, "data.path", "a folder of train-*.tar shards (see `distill data --help`)")
         _check_devices(self.data.batch_size, self.trainer)

@@ -1,5 +1,6 @@
 """Data as webdataset shards: writers (sklearn digits, a folder of class subfolders, a prompt file, a folder of
-captioned images), checks, readers, and the Lightning DataModule that streams images.
+captioned images, latents of image shards encoded by a teacher's VAE), checks, readers (streamed, and random access
+for the GAN term's real data), and the Lightning DataModule that streams images. docs/data.md is the user's guide.
 
 Layout of a shard folder (what every reader here expects):
 
@@ -7,18 +8,23 @@ Layout of a shard folder (what every reader here expects):
     out/val-000000.tar, ...
     out/meta.json                                     what the shards hold, the counts, and what was skipped
 
-Three kinds, told apart by meta.json's "kind" (`shard_kind`):
+Four kinds, told apart by meta.json's "kind" (`shard_kind`):
 - images (no "kind"; `distill data digits`, `distill data shards`): `<key>.cls` (the class index as text) and
   `<key>.png` (8-bit "L" or "RGB"); meta.json has source, num_classes, classes, channels, resolution.
 - prompts (`distill data prompts`): `<key>.txt`, one prompt in UTF-8; the key is `line-<n>`, n its 1-based line
   in the source file.
 - captions (`distill data captions`): `<key>.png` and `<key>.txt`, an image and its caption; meta.json has
   channels and resolution.
+- latents (`distill data latents`): `<key>.npy` (a float16 latent of the source image, scaled as the teacher's UNet
+  sees it) and the source sample's `<key>.cls` or `<key>.txt`; meta.json has latent_shape, the source and the
+  teacher. The same keys and splits as the source shards.
 Readers map pixels to float32 in [-1, 1] as uint8 / 255 * 2 - 1.
 
 Training reads an endless, resampled stream of images (shards drawn with replacement): there are no epochs, count
 steps and images. A shard that turns out corrupt while streaming is skipped with a warning naming it, and the
-stream goes on. Prompts are few bytes each: `read_prompts` reads a whole split into memory once.
+stream goes on. Prompts are few bytes each: `read_prompts` reads a whole split into memory once. The GAN term's
+real data (`RealData`) is read by random access instead: a batch is a function of a torch.Generator, never of a
+stream's position, so that a resumed run reads the same batches.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator
+from typing import NamedTuple
 from pathlib import Path
 
 import lightning as L
@@ -47,12 +54,14 @@ from distill.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CAPTION_SUFFIX = ".txt"
-SHARD_KINDS = ("images", "prompts", "captions")  # meta.json "kind"; image shards have none
+SHARD_KINDS = ("images", "prompts", "captions", "latents")  # meta.json "kind"; image shards have none
 TEXT_KINDS = ("prompts", "captions")  # shards whose .txt samples are prompts
-_KIND_NAMES = {"images": "image", "prompts": "prompt", "captions": "caption"}
+_NOT_IMAGE_KINDS = (*TEXT_KINDS, "latents")  # what image readers refuse, saying what it is
+_KIND_NAMES = {"images": "image", "prompts": "prompt", "captions": "caption", "latents": "latent"}
 _WRITERS_HINT = "written by `distill data digits` or `distill data shards`"
 _PROMPTS_HINT = "written by `distill data prompts --src FILE.txt --out DIR`"
 _CAPTIONS_HINT = "written by `distill data captions --src FOLDER --out DIR`"
+_LATENTS_HINT = "written by `distill data latents --teacher PIPELINE --src SHARDS --out DIR`"
 _BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark that some editors put at the start of a file
 _DIGITS_MAX = 16  # sklearn digits pixel values are integers 0..16
 # What PIL raises for a file that is not a whole PNG or JPEG: unidentified, truncated, a broken chunk or stream,
@@ -407,14 +416,8 @@ def _write_shards(out, keys: list[str], load, meta: dict, val_fraction: float, s
     moved = []
     try:
         for split, indices in (("train", order[:n_train]), ("val", order[n_train:])):
-            if len(indices) == 0:
-                continue
-            # mtime=0: the same inputs give byte-identical shards.
-            with wds.ShardWriter(str(partial / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0,
-                                 mtime=0) as sink:
-                for i in indices:
-                    sink.write({"__key__": keys[i], **load(int(i))})
-                    bar.update()
+            if len(indices) > 0:
+                _write_split(partial, split, ({"__key__": keys[i], **load(int(i))} for i in indices), shard_size, bar)
         meta = {**meta, "train": n_train, "val": n_val, "shard_size": shard_size, "seed": seed}
         (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         for shard in sorted(partial.glob("*.tar")):
@@ -429,6 +432,15 @@ def _write_shards(out, keys: list[str], load, meta: dict, val_fraction: float, s
         bar.close()
         shutil.rmtree(partial, ignore_errors=True)
     return meta
+
+
+def _write_split(folder: Path, split: str, samples: Iterator[dict], shard_size: int, bar) -> None:
+    """`<split>-%06d.tar` shards of `shard_size` samples in `folder`, in the order given."""
+    # mtime=0: the same inputs give byte-identical shards.
+    with wds.ShardWriter(str(folder / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+            bar.update()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,7 +464,7 @@ def read_meta(path: str | Path) -> dict:
     file = Path(path) / "meta.json"
     expected = f"expected the meta.json {_WRITERS_HINT}"
     meta = _load_meta(file, expected)
-    if meta.get("kind") in TEXT_KINDS:
+    if meta.get("kind") in _NOT_IMAGE_KINDS:
         raise DataError(_not_images(Path(path), meta["kind"]))
     missing = [k for k in ("num_classes", "channels", "resolution") if k not in meta]
     if missing:
@@ -462,18 +474,19 @@ def read_meta(path: str | Path) -> dict:
 
 def shard_kind(path: str | Path) -> str:
     """What a shard folder holds, from its meta.json: "images" (no "kind": `distill data digits` or `shards`),
-    "prompts" or "captions"."""
+    "prompts", "captions" or "latents"."""
     return _kind_and_meta(Path(path))[0]
 
 
 def _kind_and_meta(path: Path) -> tuple[str, dict]:
-    expected = "expected a shard folder written by `distill data` (digits, shards, prompts or captions)"
+    expected = "expected a shard folder written by `distill data` (digits, shards, prompts, captions or latents)"
     if not path.is_dir():
         raise DataError(f"shard folder {path} does not exist; {expected}")
     meta = _load_meta(path / "meta.json", expected)
     kind = meta.get("kind", "images")
     if kind not in SHARD_KINDS:
-        raise DataError(f"{path / 'meta.json'} has kind {kind!r}; expected 'prompts', 'captions', or no kind (images)")
+        raise DataError(f"{path / 'meta.json'} has kind {kind!r}; expected 'prompts', 'captions', or no kind (images), "
+                        f"or 'latents'")
     return kind, meta
 
 
@@ -502,7 +515,7 @@ def check_shards(urls: list[str]) -> list[str]:
             kind = json.loads((folder / "meta.json").read_text()).get("kind")
         except (OSError, ValueError, AttributeError):  # no meta.json to go by: the samples will tell
             kind = None
-        if kind in TEXT_KINDS:
+        if kind in _NOT_IMAGE_KINDS:
             raise DataError(_not_images(folder, kind))
     good = []
     for url in urls:
@@ -617,6 +630,9 @@ def read_prompts(path: str | Path, split: str = "train") -> list[str]:
     """
     path = Path(path)
     kind, meta = _kind_and_meta(path)
+    if kind == "latents":
+        raise DataError(f"shard folder {path} holds latent shards (meta.json kind 'latents'), not prompts; expected "
+                        f"prompt shards {_PROMPTS_HINT} (caption shards hold prompts too)")
     if kind not in TEXT_KINDS:
         raise DataError(f"shard folder {path} holds image shards with class labels (its meta.json has no kind), not "
                         f"prompts; expected prompt shards {_PROMPTS_HINT} (caption shards hold prompts too)")
@@ -873,3 +889,342 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> wds.WebLoader:
         return wds.WebLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
                              persistent_workers=self.num_workers > 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random access: the real data of DMD2's GAN term (Yin et al. 2024, arXiv 2405.14867, §4.3).
+
+
+class RealBatch(NamedTuple):
+    """Real samples: x (B, C, H, W) float32, images in [-1, 1] or latents as stored; the class labels (B,) int64 of
+    labelled shards, else None; the captions of captioned shards, else None."""
+
+    x: torch.Tensor
+    labels: torch.Tensor | None
+    captions: list[str] | None
+
+
+_KEY_AND_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's split of a member name (base_plus_ext)
+
+
+class RealData:
+    """Random access over one split of a shard folder of kind images (png + cls), captions (png + txt) or latents
+    (npy + cls or txt): `get(indices)` reads just those samples, `draw(n, generator)` draws n uniformly with
+    replacement.
+
+    A batch is a function of the generator's state only, never of what was read before, so a training step whose
+    generator is seeded by (seed, rank, step) reads the same real batch in any process and after any resume.
+    Construction indexes the tar files once (each member's offset and size, grouped by sample key, nothing
+    decoded); a shard cut short or damaged, or a sample without its files, is one DataError naming the shard.
+    Reads open the shard, seek and read, and close it again: no file handle outlives a call, so the object can be
+    made before a fork (DDP, DataLoader workers) and pickled. A sample that fails to decode is a DataError naming
+    its shard and key, never skipped: a fixed index must always give the same sample.
+    """
+
+    def __init__(self, path: str | Path, split: str = "train"):
+        self.path = Path(path)
+        self.split = split
+        self.kind, self.meta = _kind_and_meta(self.path)
+        if self.kind == "prompts":
+            raise DataError(f"shard folder {self.path} holds prompt shards (meta.json kind 'prompts'): no images; "
+                            f"expected image, caption or latent shards (`distill data digits|shards|captions|latents`)")
+        if self.kind == "latents":
+            self.sample_shape = self._shape("latent_shape", _LATENTS_HINT)
+            self._suffixes = ("npy", "cls" if self.meta.get("source_kind") == "images" else "txt")
+            hint = _LATENTS_HINT
+        else:
+            channels, (height, width) = self._meta_value("channels"), self._meta_value("resolution")
+            self.sample_shape = (int(channels), int(height), int(width))  # (C, H, W)
+            self._suffixes = ("png", "cls" if self.kind == "images" else "txt")
+            hint = _WRITERS_HINT if self.kind == "images" else _CAPTIONS_HINT
+        self.urls = list_shards(self.path, split, hint)
+        keys, shards, spans = [], [], []  # spans: (data offset, data size, side offset, side size) per sample
+        for s, url in enumerate(self.urls):
+            for key, members in _index_shard(url, hint):
+                missing = [suffix for suffix in self._suffixes if suffix not in members]
+                if missing:
+                    raise DataError(f"sample {key} of {url} has files {sorted(members)}, expected "
+                                    f"{' and '.join(self._suffixes)}; {hint}")
+                keys.append(key)
+                shards.append(s)
+                spans.append((*members[self._suffixes[0]], *members[self._suffixes[1]]))
+        expected = self.meta.get(split)
+        if isinstance(expected, int) and len(keys) != expected:
+            raise DataError(f"shard folder {self.path} holds {len(keys)} {split} samples, its meta.json says "
+                            f"{expected}; expected the shards as written (is one missing?)")
+        if not keys:
+            raise DataError(f"shard folder {self.path} has no {split} sample in its {len(self.urls)} shards; {hint}")
+        self.keys = keys
+        self._shard = np.asarray(shards, dtype=np.int64)  # (N,)
+        self._spans = np.asarray(spans, dtype=np.int64)  # (N, 4)
+
+    def _meta_value(self, name: str):
+        if name not in self.meta:
+            raise DataError(f"{self.path / 'meta.json'} lacks {name}; expected the meta.json of `distill data`")
+        return self.meta[name]
+
+    def _shape(self, name: str, hint: str) -> tuple[int, int, int]:
+        shape = self._meta_value(name)
+        if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+            raise DataError(f"{self.path / 'meta.json'} has {name} {shape!r}; expected [channels, height, width], "
+                            f"{hint}")
+        return tuple(shape)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes of labelled shards, else None."""
+        return int(self.meta["num_classes"]) if self._suffixes[1] == "cls" and "num_classes" in self.meta else None
+
+    def draw(self, n: int, generator: torch.Generator) -> RealBatch:
+        """n samples drawn uniformly with replacement by `torch.randint(len(self), (n,), generator=generator)`."""
+        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+            raise DataError(f"RealData.draw needs a CPU torch.Generator (the same draws on every device), got "
+                            f"{getattr(generator, 'device', generator)}")
+        return self.get(torch.randint(len(self), (n,), generator=generator).tolist())
+
+    def get(self, indices: list[int]) -> RealBatch:
+        """The samples at `indices` (in that order, repeats allowed), reading only their members."""
+        indices = [int(i) for i in indices]
+        bad = [i for i in indices if not 0 <= i < len(self)]
+        if bad or not indices:
+            raise DataError(f"RealData.get: indices {bad[:5] or '[]'}; expected a non-empty list of indices in "
+                            f"[0, {len(self)}) of {self.path} ({self.split})")
+        by_shard: dict[int, list[int]] = {}  # each shard opened once, read front to back
+        for i in sorted(set(indices), key=lambda i: (self._shard[i], self._spans[i, 0])):
+            by_shard.setdefault(int(self._shard[i]), []).append(i)
+        raw: dict[int, tuple[bytes, bytes]] = {}
+        for s, members in by_shard.items():
+            url = self.urls[s]
+            try:
+                with open(url, "rb") as stream:
+                    for i in members:
+                        raw[i] = tuple(_read_span(stream, int(o), int(n), url, self.keys[i])
+                                       for o, n in ((self._spans[i, 0], self._spans[i, 1]),
+                                                    (self._spans[i, 2], self._spans[i, 3])))
+            except OSError as exn:
+                raise DataError(f"cannot read shard {url}: {exn.strerror or exn}; it was readable when indexed") \
+                    from None
+        decoded = {i: self._decode(i, *raw[i]) for i in raw}
+        x = torch.stack([decoded[i][0] for i in indices])  # (B, C, H, W)
+        if self._suffixes[1] == "cls":
+            return RealBatch(x, torch.tensor([decoded[i][1] for i in indices], dtype=torch.int64), None)
+        return RealBatch(x, None, [decoded[i][1] for i in indices])
+
+    def _decode(self, i: int, data: bytes, side: bytes) -> tuple[torch.Tensor, int | str]:
+        where = f"sample {self.keys[i]} of {self.urls[self._shard[i]]}"
+        if self._suffixes[0] == "png":
+            x = _decode_png(data, where)
+        else:
+            try:
+                array = np.load(io.BytesIO(data), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exn:
+                raise DataError(f"{where} cannot be decoded: its npy file: {exn}") from None
+            if array.dtype.kind != "f":
+                raise DataError(f"{where} holds a {array.dtype} array; expected a float latent")
+            x = torch.from_numpy(array.astype(np.float32))
+        if tuple(x.shape) != self.sample_shape:
+            raise DataError(f"{where} has shape {tuple(x.shape)}; expected {self.sample_shape} as meta.json says")
+        try:
+            value = int(side) if self._suffixes[1] == "cls" else side.decode("utf-8")
+        except (ValueError, UnicodeDecodeError) as exn:
+            raise DataError(f"{where} cannot be decoded: its {self._suffixes[1]} file: {exn}") from None
+        return x, value
+
+
+def _read_span(stream, offset: int, size: int, url: str, key: str) -> bytes:
+    stream.seek(offset)
+    data = stream.read(size)
+    if len(data) != size:
+        raise DataError(f"sample {key} of {url} is cut short ({len(data)} of {size} bytes): the shard changed since "
+                        f"it was indexed")
+    return data
+
+
+def _index_shard(url: str, hint: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """(key, {suffix: (data offset, size)}) of each sample of a tar shard, in order; members are grouped into
+    samples by key as webdataset does (consecutive members with the same key)."""
+    expected = f"expected a tar file {hint}"
+    try:
+        with open(url, "rb") as stream:
+            members = _ustar_index(stream)
+            if members is None:  # not the plain archive that our writer makes, or damaged: tarfile tells which
+                stream.seek(0)
+                tar = tarfile.open(fileobj=stream, mode="r:")
+                members = [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isreg()]
+                # tarfile ends its listing without a word at a header cut short or damaged: the archive must go on
+                # to its end-of-archive block there.
+                stream.seek(tar.offset)
+                if stream.read(512) != _TAR_EOF:
+                    raise DataError(f"shard {url} is cut short or damaged at byte {tar.offset} (after {len(members)} "
+                                    f"files; no end-of-archive block there); {expected}")
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        raise DataError(f"cannot read shard {url}: {_reason(exn)}; {expected}") from None
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    for name, offset, size in members:
+        match = _KEY_AND_SUFFIX.match(name)
+        if match is None:
+            continue  # a member without a suffix holds no sample's file (webdataset skips it too)
+        key, suffix = match.group(1), match.group(2).lower()
+        if not samples or samples[-1][0] != key:
+            samples.append((key, {}))
+        if suffix in samples[-1][1]:
+            raise DataError(f"sample {key} of {url} has two {suffix} files; {expected}")
+        samples[-1][1][suffix] = (offset, size)
+    return samples
+
+
+def _ustar_index(stream) -> list[tuple[str, int, int]] | None:
+    """(name, data offset, size) of the members of a tar archive made of regular files with plain ustar headers,
+    read header by header (seek, no data read); None for anything else and for an archive cut short or damaged,
+    which tarfile then reads or names as broken. Faster than tarfile for the same reason as `_ustar_texts`; unlike
+    it, the header checksum is verified here (a random-access index is not cross-checked by decoding)."""
+    size_of_file = stream.seek(0, os.SEEK_END)
+    found, offset = [], 0
+    while offset + 512 <= size_of_file:
+        stream.seek(offset)
+        header = stream.read(512)
+        if header == _TAR_EOF:
+            return found
+        if header[257:262] != b"ustar" or header[156] not in b"0\0" or header[345] != 0:
+            return None
+        try:
+            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+            checksum = int(header[148:156].strip(b"\0 "), 8)
+        except ValueError:
+            return None
+        if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]):  # the checksum field counts as spaces
+            return None
+        start = offset + 512
+        if start + size > size_of_file:
+            return None
+        found.append((header[:100].rstrip(b"\0").decode("utf-8", "replace"), start, size))
+        offset = start + (size + 511) // 512 * 512
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent shards: real images encoded once by a latent teacher's frozen VAE (the GAN term's real data for latent
+# teachers; DMD2 encodes its real images with the SDXL VAE the same way).
+
+LATENT_DTYPE = np.float16  # halves the shards; the round trip is checked and recorded (meta "float16_max_abs_error")
+
+
+def write_latent_shards(teacher: str | Path, src: str | Path, out: str | Path, batch_size: int = 64, seed: int = 0,
+                        device: str = "cpu", overwrite: bool = False) -> dict:
+    """Every image of the image or caption shards `src`, encoded once by the frozen VAE of the pipeline folder
+    `teacher` (`LatentCodec.encode`: a posterior draw, scaled as the UNet sees latents), as shards of kind
+    "latents" in `out`: `<key>.npy` (float16, shape meta "latent_shape") with the source's `<key>.cls` or
+    `<key>.txt`, the same keys, splits and order as `src`.
+
+    The draws come from one CPU torch.Generator seeded by `seed`, batch after batch of `batch_size`, train then
+    val, in shard order: the same arguments give the same latents on any device. Checked before anything is
+    written: `out` is new or empty (or `overwrite`), `src` holds images, `teacher` has a VAE, and the images are
+    what the VAE takes (channels, and the UNet's sample_size times the VAE's scale factor). The folder is written
+    beside `out` and moved into place (os.replace) when complete, so `out` is never left half written.
+    """
+    teacher, src, out = Path(teacher), Path(src), Path(out)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive number of images, got {batch_size!r}")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output folder {out} is a file; expected a folder (or a path to create)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"output folder {out} is not empty; expected a new or empty folder (or --overwrite)")
+    for name, other in (("source", src), ("teacher", teacher)):
+        if other.exists() and (out.resolve() == other.resolve() or out.resolve() in other.resolve().parents):
+            raise DataError(f"output folder {out} holds the {name} folder {other}; expected a folder of its own")
+    source_kind = shard_kind(src)
+    if source_kind not in ("images", "captions"):
+        raise DataError(f"shard folder {src} holds {_KIND_NAMES[source_kind]} shards; expected images with labels "
+                        f"(`distill data digits|shards`) or with captions (`distill data captions`) to encode")
+    splits = {split: RealData(src, split) for split in ("train", "val") if any(src.glob(f"{split}-*.tar"))}
+    if "train" not in splits:
+        list_shards(src, "train")  # raises, naming what is missing
+    from distill.evaluate import resolve_device
+    from distill.teachers import load_teacher
+
+    dev = resolve_device(device, "device")
+    loaded = load_teacher(teacher)
+    if loaded.codec is None:
+        raise DataError(f"teacher {teacher} is a pixel-space teacher (a UNet2DModel folder, no VAE): its GAN term "
+                        f"reads the image shards themselves; expected a Stable Diffusion pipeline folder with a vae/")
+    codec = loaded.codec.to(dev)
+    vae, unet = codec.vae.config, loaded.denoiser.net.unet.config
+    size = unet.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    f = codec.scale_factor
+    image_shape = (int(vae.in_channels), h * f, w * f)
+    latent_shape = (int(vae.latent_channels), h, w)
+    if splits["train"].sample_shape != image_shape:
+        raise DataError(f"shard folder {src} holds images of shape {splits['train'].sample_shape} (C, H, W); the VAE "
+                        f"of {teacher} takes {image_shape} (its unet's sample_size {h}x{w} times the VAE's scale "
+                        f"factor {f}); expected shards written at that size (`--channels {image_shape[0]} "
+                        f"--resolution {image_shape[1]}`)")
+    del loaded  # the UNet and text encoders are not needed to encode
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(seed)  # CPU: the same draws whichever device encodes
+    worst = [0.0]  # largest |float16 - float32| over every latent written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))  # same file system as out
+    total = sum(len(data) for data in splits.values())
+    bar = tqdm(total=total, desc=f"encoding {src}", unit="image", file=sys.stderr, disable=None, leave=False)
+    try:
+        shard_size = int(splits["train"].meta.get("shard_size", 500))
+        for split, data in splits.items():
+            samples = _encoded_samples(data, codec, generator, batch_size, dev, worst)
+            _write_split(partial, split, samples, shard_size, bar)
+        src_meta = splits["train"].meta
+        meta = {"kind": "latents", "latent_shape": list(latent_shape), "image_shape": list(image_shape),
+                "dtype": np.dtype(LATENT_DTYPE).name, "float16_max_abs_error": worst[0],
+                "source": os.path.abspath(src), "source_kind": source_kind, "teacher": os.path.abspath(teacher),
+                "scaling_factor": float(vae.scaling_factor), "seed": seed, "batch_size": batch_size,
+                **({"num_classes": src_meta["num_classes"], "classes": src_meta.get("classes")}
+                   if source_kind == "images" else {}),
+                "train": len(splits["train"]), "val": len(splits["val"]) if "val" in splits else 0,
+                "shard_size": shard_size}
+        (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _replace_folder(partial, out)
+    finally:
+        bar.close()
+        shutil.rmtree(partial, ignore_errors=True)
+    return meta
+
+
+def _encoded_samples(data: RealData, codec, generator: torch.Generator, batch_size: int, device: torch.device,
+                     worst: list[float]) -> Iterator[dict]:
+    """The samples of `data` in order, each image replaced by its float16 latent (`npy`)."""
+    for start in range(0, len(data), batch_size):
+        indices = list(range(start, min(start + batch_size, len(data))))
+        batch = data.get(indices)
+        z = codec.encode(batch.x.to(device), generator).cpu()  # (B, c, h, w) float32
+        z16 = z.to(torch.float16)
+        if not torch.isfinite(z16).all():
+            raise DataError(f"latents of {data.path} ({data.split}, samples {start}..{indices[-1]}) exceed float16's "
+                            f"range (largest |z| {z.abs().max().item():.3g}); expected latents scaled by the VAE's "
+                            f"scaling_factor")
+        worst[0] = max(worst[0], (z16.float() - z).abs().max().item())
+        for j, i in enumerate(indices):
+            buffer = io.BytesIO()
+            np.save(buffer, z16[j].numpy(), allow_pickle=False)
+            side = {"cls": int(batch.labels[j])} if batch.labels is not None else {"txt": batch.captions[j]}
+            yield {"__key__": data.keys[i], "npy": buffer.getvalue(), **side}
+
+
+def _replace_folder(partial: Path, out: Path) -> None:
+    """Move the complete folder `partial` to `out`; an existing `out` (empty, or replaced on request) is moved aside
+    first and removed only once the new one is in place."""
+    if not out.exists():
+        os.replace(partial, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / "folder")
+    try:
+        os.replace(partial, out)
+    except BaseException:
+        os.replace(old / "folder", out)  # put it back as it was
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

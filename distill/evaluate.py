@@ -27,14 +27,17 @@ CACHE_KEY = ("path", "model", "samples", "extractor", "ref_sha", "seed", "teache
 
 
 def protocol_inputs(shape: tuple[int, ...], condition: Callable[[Tensor], Condition | None] | None, n: int,
-                    batch_size: int, seed: int, device, start: int = 0
+                    batch_size: int, seed: int, device, start: int = 0, draws: int = 1
                     ) -> Iterator[tuple[Tensor, Condition | None]]:
     """(z, condition) for samples start .. start + n - 1 in batches: noise seeded by (seed, sample index) and the
     condition a function of the sample index (`condition(indices)`: balanced labels, or prompts in turn), so any
-    split across ranks gives the same set (the evaluation protocol)."""
+    split across ranks gives the same set (the evaluation protocol). z is (B, *shape); with `draws` > 1 it is
+    (B, draws, *shape): a multi-step student's starting noise and its re-noising draws, all from the sample's seed
+    (the first draw is the one-step protocol's z)."""
     for s in range(start, start + n, batch_size):
         b = min(batch_size, start + n - s)
-        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+        size = shape if draws == 1 else (draws, *shape)
+        z = torch.stack([torch.randn(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
                          for i in range(s, s + b)]).to(device)
         yield z, (condition(torch.arange(s, s + b)) if condition is not None else None)
 
@@ -43,10 +46,11 @@ def protocol_inputs(shape: tuple[int, ...], condition: Callable[[Tensor], Condit
 def generator_batches(generator: torch.nn.Module, shape: tuple[int, ...],
                       condition: Callable[[Tensor], Condition | None] | None, n: int, batch_size: int, seed: int,
                       device, start: int = 0, decode: Callable[[Tensor], Tensor] | None = None) -> Iterator[Tensor]:
-    """n one-step samples in batches on the protocol of `protocol_inputs`; `start` is the index of the first
-    sample (a rank's share starts there); `decode` turns latents into images."""
-    for z, cond in protocol_inputs(shape, condition, n, batch_size, seed, device, start):
-        x = generator(z, cond).float()
+    """n student samples (one step, or the generator's steps) in batches on the protocol of `protocol_inputs`;
+    `start` is the index of the first sample (a rank's share starts there); `decode` turns latents into images."""
+    steps = getattr(generator, "steps", 1)
+    for z, cond in protocol_inputs(shape, condition, n, batch_size, seed, device, start, draws=steps):
+        x = (generator(z, cond) if steps == 1 else generator(z[:, 0], cond, noise=z[:, 1:])).float()
         yield decode(x) if decode is not None else x
 
 
@@ -376,8 +380,8 @@ def _extractor(cfg, features: str | None, features_path: str | None, inception_w
 
 def _protocol(module, ckpt: Path, teacher_steps: int | None, count: int, batch_size: int, seed: int, dev,
               start: int) -> tuple[dict, Iterator[Tensor]]:
-    """What is evaluated (path, model, teacher_steps, guidance) and its batches: the checkpoint's EMA one-step
-    generator, or the run's teacher with `teacher_steps` DDIM steps at the run's guidance scale."""
+    """What is evaluated (path, model, teacher_steps, guidance) and its batches: the checkpoint's EMA generator
+    (its steps), or the run's teacher with `teacher_steps` DDIM steps at the run's guidance scale."""
     cfg, shape = module.cfg, module.sample_shape()
     if teacher_steps is not None:
         protocol = {"path": os.path.abspath(cfg.teacher.path) if cfg.teacher.kind == "diffusers" else "gmm",
@@ -386,7 +390,7 @@ def _protocol(module, ckpt: Path, teacher_steps: int | None, count: int, batch_s
         return protocol, teacher_batches(module.teacher, shape, module.protocol_condition, count, batch_size,
                                          teacher_steps, cfg.teacher.guidance_scale, seed, dev, start=start,
                                          decode=module.eval_images)
-    protocol = {"path": str(ckpt), "model": "ema-1step", "teacher_steps": "", "guidance": ""}
+    protocol = {"path": str(ckpt), "model": f"ema-{module.ema.steps}step", "teacher_steps": "", "guidance": ""}
     return protocol, generator_batches(module.ema, shape, module.protocol_condition, count, batch_size, seed, dev,
                                        start=start, decode=module.eval_images)
 

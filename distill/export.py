@@ -1,19 +1,27 @@
-"""`distill export`: the one-step student as a folder that stock diffusers loads and samples (docs/export.md).
+"""`distill export`: the student as a folder that stock diffusers loads and samples (docs/export.md).
 
-The student is G(z) = D_theta(z, t_init), the x0-prediction of the generator's UNet at t_init from x_init = z
-(docs/method.md §2, VP schedules). diffusers' `LCMScheduler` (Luo et al. 2023, Latent Consistency Models; diffusers
-schedulers/scheduling_lcm.py) samples it in one step with custom `timesteps=[t_init]`: it converts the UNet output to
-x0 by the prediction type, returns c_skip x_t + c_out x0 with c_skip = 0.25 / ((s t)^2 + 0.25) and
-c_out = s t / sqrt((s t)^2 + 0.25) (s = `timestep_scaling`), and adds no noise after the last step. The exported
-scheduler takes the teacher's betas and prediction type, no clipping, and an s with c_skip(t_init) <= 1e-8, so the
-one step is G(z) to float32 precision. (`timestep_spacing` plays no part: LCMScheduler ignores it.)
+The student samples at the run's timesteps t_0 > ... > t_{S-1} (generator.timesteps; one step at generator.t_init,
+default T - 1, when it is null): step k gives x0_k = D_theta(x_k, t_k), the x0-prediction of the generator's UNet,
+from x_0 = z and, for k > 0, x_k = alpha_{t_k} x0_{k-1} + sigma_{t_k} eps_k with fresh noise eps_k; the sample is
+the last x0 (distill.teachers.Generator; docs/method.md §2, VP schedules; DMD2, Yin et al. 2024, §4.4).
+diffusers' `LCMScheduler` (Luo et al. 2023, Latent Consistency Models; diffusers schedulers/scheduling_lcm.py,
+`step`) samples it with custom `timesteps=[t_0, ..., t_{S-1}]`: at each t_k it converts the UNet output to x0 by the
+prediction type, takes denoised = c_skip x_t + c_out x0 with c_skip = 0.25 / ((s t_k)^2 + 0.25) and
+c_out = s t_k / sqrt((s t_k)^2 + 0.25) (s = `timestep_scaling`), and, before every step but the last, re-noises
+denoised to t_{k+1} with one fresh randn of the sample's shape from the sampling generator; the last step adds no
+noise. The exported scheduler takes the teacher's betas and prediction type, no clipping, and an s with
+c_skip(t) <= 1e-8 at every timestep of the list (the smallest is the binding one), so each step is the student's
+to float32 precision. `original_inference_steps` = T puts every index on LCM's "training schedule" (no warnings
+about the list; with `num_inference_steps=S` alone LCM picks T - 1 - floor(j T / S), j < S: DMD2's
+[999, 749, 499, 249] for S = 4, T = 1000). (`timestep_spacing` plays no part: LCMScheduler ignores it.)
 
 Written to DIR (built in DIR.tmp-XXXX, then renamed into place):
 - pipeline teachers (model_index.json: StableDiffusionPipeline, StableDiffusionXLPipeline): the teacher's
   components except unet and scheduler, copied byte for byte; unet/ (the student); scheduler/ (LCMScheduler);
   model_index.json naming LCMScheduler;
 - UNet2DModel teachers: unet/ and scheduler/;
-- both: distill.json with the `timesteps` to sample at, the prediction type and where the student came from.
+- both: distill.json with the `timesteps` to sample at (the whole list), the prediction type and where the student
+  came from.
 
 LoRA generators (peft adapter weights, `lora_A` / `lora_B` in the key names) are merged into the base weights,
 W = W0 + (alpha / r) B A (Hu et al. 2021, LoRA, eq. 3; as peft's LoraLayer.get_delta_weight), so the exported UNet
@@ -31,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import textwrap
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,7 +51,7 @@ from distill.errors import DistillError
 EMA_PREFIX = "ema.denoiser.net.unet."  # the EMA generator: what users sample
 RAW_PREFIX = "generator.denoiser.net.unet."
 INFO_FILE = "distill.json"
-C_SKIP_MAX = 1e-8  # LCM's c_skip at t_init: the share of the noise z left in the exported sampler's output
+C_SKIP_MAX = 1e-8  # LCM's c_skip at each timestep: the share of a step's input left in that step's output
 LCM_SIGMA_DATA = 0.5  # fixed inside LCMScheduler.get_scalings_for_boundary_condition_discrete
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
@@ -72,13 +81,10 @@ def export(ckpt: str | Path, out: str | Path, *, teacher: str | None = None, raw
     if denoiser.schedule.kind != "vp":
         raise DistillError(f"teacher folder {str(teacher_dir)!r} has an EDM schedule; export writes an LCMScheduler, "
                            f"which needs a DDPM-family (VP) schedule: nothing to export to diffusers")
-    T = denoiser.T
-    t_init = (cfg.get("generator") or {}).get("t_init")
-    t_init = T - 1 if t_init is None else int(t_init)
-    if not 0 < t_init < T:
-        raise DistillError(f"checkpoint {str(path)!r}: generator.t_init {t_init}; expected an index in [1, {T}) "
-                           f"(at 0, LCMScheduler's boundary condition returns its input unchanged)")
-    unet = denoiser.net.unet.to(torch.float32)  # the student as trained, whatever dtype the frozen teacher has
+    timesteps = student_timesteps(path, cfg, denoiser.T)
+    # the student as trained, whatever dtype the frozen teacher has; .float(), not .to(torch.float32), on which
+    # diffusers logs a line about fp32 modules
+    unet = denoiser.net.unet.float()
     lora_alpha = (cfg.get("generator") or {}).get("lora_alpha")
     if lora_alpha is None:  # a config written before the key existed: its default
         from distill.config import GeneratorConfig
@@ -93,12 +99,12 @@ def export(ckpt: str | Path, out: str | Path, *, teacher: str | None = None, raw
                            f"{str(teacher_dir)!r} ({detail}); expected the teacher the run distilled "
                            f"(--teacher FOLDER)") from None
     scheduler = lcm_scheduler(_scheduler_config(sched_dir), denoiser.schedule.alpha ** 2, denoiser.prediction_type,
-                              t_init)
+                              timesteps)
 
     pipeline = loaded.layout != "unet"
     index = json.loads((teacher_dir / "model_index.json").read_text()) if pipeline else None
     info = {
-        "timesteps": [t_init],
+        "timesteps": timesteps,
         "prediction_type": denoiser.prediction_type,
         "pipeline": index["_class_name"] if pipeline else "UNet2DModel",
         "num_classes": denoiser.num_classes if not pipeline else None,
@@ -106,7 +112,7 @@ def export(ckpt: str | Path, out: str | Path, *, teacher: str | None = None, raw
         "checkpoint": str(path),
         "step": int(state["distill"].get("step", 0)),
         "weights": "raw" if raw else "ema",
-        "lcm_c_skip": scheduler.get_scalings_for_boundary_condition_discrete(t_init)[0],
+        "lcm_c_skip": max(scheduler.get_scalings_for_boundary_condition_discrete(t)[0] for t in timesteps),
         "distill_version": __version__,
     }
     components = [name for name, entry in (index or {}).items()
@@ -131,18 +137,49 @@ def export(ckpt: str | Path, out: str | Path, *, teacher: str | None = None, raw
     return info
 
 
-def lcm_scheduler(teacher_config: dict, alphas_cumprod: Tensor, prediction_type: str, t_init: int):
-    """An LCMScheduler on the teacher's schedule: its betas (the config's, or the teacher's alphas_cumprod as
-    trained_betas where LCMScheduler would compute others), its prediction type, no clipping, and a
-    `timestep_scaling` s with c_skip(t_init) = 0.25 / ((s t_init)^2 + 0.25) <= C_SKIP_MAX (10, LCM's default, for
-    t_init >= 500)."""
+def student_timesteps(path: Path, cfg: dict, T: int) -> list[int]:
+    """The timesteps the run's student samples at, as distill.teachers.Generator takes them: the run's
+    generator.timesteps, or [generator.t_init], or [T - 1] (a run written before either key). Each must be in
+    [1, T) (at 0 LCMScheduler's boundary condition returns its input unchanged) and the list strictly decreasing."""
+    generator = cfg.get("generator") or {}
+    t_init, timesteps = generator.get("t_init"), generator.get("timesteps")
+    if timesteps is None:
+        where = f"checkpoint {str(path)!r}: generator.t_init {t_init}"
+        timesteps = [T - 1 if t_init is None else t_init]
+    else:
+        where = f"checkpoint {str(path)!r}: generator.timesteps {timesteps}"
+    if not (isinstance(timesteps, list) and timesteps
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in timesteps)):
+        raise DistillError(f"{where}; expected integer time indices in [1, {T}) (a non-empty list of them for "
+                           f"generator.timesteps)")
+    if any(not 0 < t < T for t in timesteps):
+        raise DistillError(f"{where}; expected indices in [1, {T}) of the teacher's {T} time steps (at 0, "
+                           f"LCMScheduler's boundary condition returns its input unchanged)")
+    if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        raise DistillError(f"{where}; expected strictly decreasing time indices (sampling starts at the first)")
+    if generator.get("timesteps") is not None and t_init is not None and t_init != timesteps[0]:
+        raise DistillError(f"checkpoint {str(path)!r}: generator.t_init {t_init} with generator.timesteps "
+                           f"{timesteps}; expected t_init null or the first of the timesteps")
+    return list(timesteps)
+
+
+def lcm_scheduler(teacher_config: dict, alphas_cumprod: Tensor, prediction_type: str,
+                  timesteps: Sequence[int] | int):
+    """An LCMScheduler that samples the student at `timesteps` (one index: the one-step student's t_init) on the
+    teacher's schedule: its betas (the config's, or the teacher's alphas_cumprod as trained_betas where LCMScheduler
+    would compute others), its prediction type, no clipping, a `timestep_scaling` s with
+    c_skip(t) = 0.25 / ((s t)^2 + 0.25) <= C_SKIP_MAX at every t of the list (10, LCM's default, when all are
+    >= 500), and `original_inference_steps` = T, so that LCMScheduler.set_timesteps takes any list of indices in
+    [0, T) without warning that they are off its training schedule (only a first index other than T - 1 is
+    warned about)."""
     from diffusers import LCMScheduler
 
+    timesteps = [timesteps] if isinstance(timesteps, int) else list(timesteps)
     T = alphas_cumprod.numel()
     keys = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
     kwargs = {k: teacher_config[k] for k in keys if teacher_config.get(k) is not None}
-    scaling = max(10.0, math.sqrt(LCM_SIGMA_DATA ** 2 / C_SKIP_MAX) / t_init)
-    kwargs.update(num_train_timesteps=T, original_inference_steps=min(50, T), prediction_type=prediction_type,
+    scaling = max(10.0, math.sqrt(LCM_SIGMA_DATA ** 2 / C_SKIP_MAX) / min(timesteps))
+    kwargs.update(num_train_timesteps=T, original_inference_steps=T, prediction_type=prediction_type,
                   clip_sample=False, thresholding=False, timestep_scaling=scaling,
                   steps_offset=1)  # unused by LCMScheduler; StableDiffusionPipeline warns about any other value
     abar = alphas_cumprod.to(torch.float64)
@@ -155,8 +192,9 @@ def lcm_scheduler(teacher_config: dict, alphas_cumprod: Tensor, prediction_type:
         betas = 1.0 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
         kwargs.update(trained_betas=betas.tolist(), rescale_betas_zero_snr=False)
         scheduler = LCMScheduler(**kwargs)
-    c_skip, _ = scheduler.get_scalings_for_boundary_condition_discrete(t_init)
-    assert c_skip <= C_SKIP_MAX * (1 + 1e-6), c_skip
+    for t in timesteps:
+        c_skip, _ = scheduler.get_scalings_for_boundary_condition_discrete(t)
+        assert c_skip <= C_SKIP_MAX * (1 + 1e-6), (t, c_skip)
     return scheduler
 
 
@@ -300,7 +338,7 @@ def _atomic_folder(out: Path):
 
 def add_export_parser(subparsers, formatter_class) -> argparse.ArgumentParser:
     """`distill export CKPT --out DIR`."""
-    summary = "write the one-step student as a diffusers folder (the teacher's pipeline, or UNet + scheduler)"
+    summary = "write the student as a diffusers folder (the teacher's pipeline, or UNet + scheduler)"
     sp = subparsers.add_parser(
         "export", help=summary, formatter_class=formatter_class,
         description=textwrap.dedent("""\
@@ -308,15 +346,16 @@ def add_export_parser(subparsers, formatter_class) -> argparse.ArgumentParser:
             that stock diffusers loads. For a pipeline teacher (StableDiffusionPipeline or
             StableDiffusionXLPipeline) DIR is the teacher's pipeline with the student UNet and an LCMScheduler;
             for a UNet2DModel teacher it holds unet/ and scheduler/ (LCMScheduler). DIR/distill.json names the
-            `timesteps` to sample at (the run's generator.t_init) and where the student came from. One LCM step
-            at those timesteps from noise z gives the one-step generator's G(z). LoRA weights are merged into the
-            UNet. See docs/export.md."""),
+            `timesteps` to sample at (the run's generator.timesteps, or [generator.t_init] for a one-step student)
+            and where the student came from. LCMScheduler steps at those timesteps from noise z give the student's
+            sample: each step's x0, re-noised with fresh noise to the next timestep, the last step's x0 as it is
+            (DMD2's multi-step sampler). LoRA weights are merged into the UNet. See docs/export.md."""),
         epilog=textwrap.dedent("""\
             examples:
               distill export runs/sd15 --out students/sd15
               distill export runs/digits/checkpoints/step=0002000.ckpt --out students/digits --overwrite
-            then, in Python (t: distill.json's timesteps):
-              StableDiffusionPipeline.from_pretrained("students/sd15")(prompt, num_inference_steps=1,
+            then, in Python (t: distill.json's timesteps, e.g. [999] or [999, 749, 499, 249]):
+              StableDiffusionPipeline.from_pretrained("students/sd15")(prompt, num_inference_steps=len(t),
                                                                        timesteps=t, guidance_scale=0)"""))
     sp.add_argument("ckpt", metavar="CKPT",
                     help="checkpoint file, or a run directory or its checkpoints/ folder (its newest checkpoint)")
@@ -334,10 +373,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     t = info["timesteps"]
     print(f"wrote {args.out}: the {info['weights']} student of step {info['step']} ({info['checkpoint']}), "
           f"{info['pipeline']}, timesteps {t}")
+    steps = f"{len(t)} step{'s' if len(t) > 1 else ''}"
     if info["pipeline"] == "UNet2DModel":
         print(f"sample it: UNet2DModel + LCMScheduler from {args.out}/unet and {args.out}/scheduler, "
-              f"scheduler.set_timesteps(timesteps={t}), one step (docs/export.md)")
+              f"scheduler.set_timesteps(timesteps={t}), {steps} (docs/export.md)")
     else:
-        print(f"sample it: {info['pipeline']}.from_pretrained({str(args.out)!r})(prompt, num_inference_steps=1, "
-              f"timesteps={t}, guidance_scale=0)")
+        print(f"sample it: {info['pipeline']}.from_pretrained({str(args.out)!r})(prompt, "
+              f"num_inference_steps={len(t)}, timesteps={t}, guidance_scale=0)")
     return 0

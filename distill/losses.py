@@ -39,3 +39,23 @@ def denoising_loss(x0_hat: Tensor, x0: Tensor, weight: Tensor) -> Tensor:
     eps-, v- or x0-prediction loss (or EDM's lambda(sigma)-weighted one), the fake score's training objective."""
     per = ((x0_hat.float() - x0.float()) ** 2) * weight.float()
     return per.mean(dim=_sample_dims(x0_hat))
+
+
+# DMD2's GAN term (Yin et al. 2024, "Improved Distribution Matching Distillation", §4.3, "Surpassing the teacher
+# model using a GAN loss and real data"; the reference is tianweiy/DMD2 main/sd_guidance.py, the classifier
+# losses): non-saturating logistic losses on the head's logits.
+# softplus(x) = log(1 + e^x) is evaluated stably, so large |logits| give finite values and gradients.
+
+
+def gan_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """softplus(f(fake)) + softplus(-f(real)) per sample, (B,) float32: -log(1 - D(fake)) - log D(real) with
+    D = sigmoid(f). Real and fake rows are paired by position (the caller's batch); the means are DMD2's loss."""
+    if real_logits.shape != fake_logits.shape:
+        raise ValueError(f"real and fake logits must have one shape, got {tuple(real_logits.shape)} and "
+                         f"{tuple(fake_logits.shape)}")
+    return torch.nn.functional.softplus(fake_logits.float()) + torch.nn.functional.softplus(-real_logits.float())
+
+
+def gan_generator_loss(fake_logits: Tensor) -> Tensor:
+    """softplus(-f(fake)) per sample, (B,) float32: the non-saturating generator loss -log D(fake)."""
+    return torch.nn.functional.softplus(-fake_logits.float())

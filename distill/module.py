@@ -27,7 +27,7 @@ from distill.carv.diagnostics import measure_costs, split_half_estimate
 from distill.conditions import Condition, as_condition
 from distill.config import FitConfig
 from distill.distributed import all_mean, is_distributed
-from distill.losses import denoising_loss, dmd_grad, dmd_loss
+from distill.losses import denoising_loss, dmd_grad, dmd_loss, gan_discriminator_loss, gan_generator_loss
 from distill.plots import grid_image, scatter_image
 from distill.schedules import vp_schedule
 from distill.teachers import (
@@ -35,7 +35,7 @@ from distill.teachers import (
     Denoiser,
     GaussianMixture,
     GaussianMixtureDenoiser,
-    OneStepGenerator,
+    Generator,
     Teacher,
     ema_update,
     load_teacher,
@@ -55,16 +55,22 @@ def gmm_teacher(cfg: FitConfig) -> GaussianMixtureDenoiser:
     return GaussianMixtureDenoiser(GaussianMixture.ring(t.gmm_modes, t.gmm_radius, t.gmm_std), schedule)
 
 
-def build_networks(cfg: FitConfig) -> tuple[Teacher, Denoiser, OneStepGenerator]:
+def build_networks(cfg: FitConfig) -> tuple[Teacher, Denoiser, Generator]:
     """(teacher, fake score, generator). Diffusers teachers: both copies start from the teacher's weights (in
     float32; the frozen teacher then takes `teacher.dtype`); the mixture teacher: fresh MLPs (there are no weights
     to copy)."""
     if cfg.teacher.kind == "diffusers":
         teacher = load_teacher(cfg.teacher.path, frozen_dtype(cfg))
         g, f = cfg.generator, cfg.fake_score
+        for key, rank in (("generator.lora_rank", g.lora_rank), ("fake_score.lora_rank", f.lora_rank)):
+            if rank and not hasattr(teacher.denoiser.net.unet, "add_adapter"):  # diffusers' UNet2DModel has no peft
+                from distill.errors import ConfigError
+
+                raise ConfigError(key, f"0 for a {type(teacher.denoiser.net.unet).__name__} teacher (LoRA adapters "
+                                  f"need a UNet2DConditionModel: a Stable Diffusion pipeline), got {rank}")
         fake = trainable_copy(teacher.denoiser, f.lora_rank, f.lora_alpha, f.gradient_checkpointing)
-        generator = OneStepGenerator(trainable_copy(teacher.denoiser, g.lora_rank, g.lora_alpha,
-                                                    g.gradient_checkpointing), g.t_init)
+        generator = Generator(trainable_copy(teacher.denoiser, g.lora_rank, g.lora_alpha, g.gradient_checkpointing),
+                              g.timesteps or g.t_init)
         teacher.denoiser.to(frozen_dtype(cfg))
         return teacher, fake, generator
     mixture = gmm_teacher(cfg)
@@ -74,7 +80,7 @@ def build_networks(cfg: FitConfig) -> tuple[Teacher, Denoiser, OneStepGenerator]
     # z + MLP(z): it starts from N(0, I) rather than from a point.
     gen_net = Denoiser(MLP(d, T, g.mlp_hidden, g.mlp_depth, skip=True), mixture.schedule, "sample")
     fake = Denoiser(MLP(d, T, f.mlp_hidden, f.mlp_depth), mixture.schedule, "epsilon")
-    return Teacher(mixture, "gmm"), fake, OneStepGenerator(gen_net, g.t_init)
+    return Teacher(mixture, "gmm"), fake, Generator(gen_net, g.timesteps or g.t_init)
 
 
 def frozen_dtype(cfg: FitConfig) -> torch.dtype:
@@ -104,6 +110,13 @@ class DMDModule(L.LightningModule):
 
             self.prompts = read_prompts(cfg.data.path)
         self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
+        # DMD2's GAN term: a classifier head on the fake score's bottleneck, and the real data it reads
+        self.gan_head: nn.Module | None = None
+        self.real = None  # distill.data.RealData over gan.data (or data.path): opened by fit, or at first use
+        if cfg.gan.on:
+            from distill.gan import GANHead
+
+            self.gan_head = GANHead.for_denoiser(self.fake_score, self.sample_shape())
         e = cfg.estimator
         # p: DMD2's t uniform over the integer indices [0.02 T, 0.98 T]; q: the proposal the sampler draws from
         self.sampler = TimestepSampler(
@@ -128,8 +141,13 @@ class DMDModule(L.LightningModule):
         # fused: a skipped (non-finite) step is masked on the device through `found_inf`, with no host sync
         kw = dict(betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
         opt_g = torch.optim.AdamW(self.trained(self.generator), lr=o.lr_generator, **kw)
-        opt_f = torch.optim.AdamW(self.trained(self.fake_score), lr=o.lr_fake_score, **kw)
+        opt_f = torch.optim.AdamW(self.discriminator_params(), lr=o.lr_fake_score, **kw)
         return [opt_g, opt_f]
+
+    def discriminator_params(self) -> list[nn.Parameter]:
+        """The fake score's trained weights and the GAN head's: one optimiser (DMD2)."""
+        head = list(self.gan_head.parameters()) if self.gan_head is not None else []
+        return self.trained(self.fake_score) + head
 
     @staticmethod
     def trained(network: nn.Module) -> list[nn.Parameter]:
@@ -232,7 +250,7 @@ class DMDModule(L.LightningModule):
                 or self.step >= self.max_steps)
 
     def training_step(self, batch, batch_idx: int) -> None:
-        # DMD reads no real data: the batch is only the step's index (GAN and regression terms will read data)
+        # the batch is only the step's index: DMD reads no real data, and the GAN term draws its own real batch
         opt_g, opt_f = self.optimizers()
         self._warm_up()
         N = self.batch_per_device
@@ -240,13 +258,19 @@ class DMDModule(L.LightningModule):
         metrics: dict[str, Tensor | float] = {}
         taken = []
 
-        # 1. sample z and the conditions (class labels or prompts, uniform as in DMD2) and generate x = G(z) (with grad only when the
-        #    generator is updated this step). Every random number is a function of (seed, rank, step).
+        # 1. sample z and the conditions (class labels or prompts, uniform as in DMD2) and generate x = G(z) (with
+        #    grad only when the generator is updated this step). Every random number is a function of (seed, rank,
+        #    step). A multi-step student trains one step k per training step (the same k on every rank), on the
+        #    input that backward simulation reaches: steps 0 .. k-1 without grad, re-noised with fresh noise (DMD2
+        #    §4.5); the losses apply to step k's x0.
         rng = self._step_generator()
         z = torch.randn((N, *self.sample_shape()), generator=rng, device=self.device)
         cond = self.sample_condition(N, rng)  # labels, prompt embeddings, or None
-        with torch.set_grad_enabled(update_generator):
-            x = self.generator(z, cond)  # (N, C, H, W) (latents for a latent teacher) or (N, d)
+        k = self.student_step()
+        with torch.set_grad_enabled(update_generator):  # (N, C, H, W) (latents for a latent teacher) or (N, d)
+            x = self.generator(z, cond, noise=self._renoise_draws(N, k, rng), until=k)
+        if self.generator.steps > 1:
+            metrics["train/student_step"] = float(k)
 
         if update_generator:
             # 2. draw K (t, eps) per sample: t from the proposal q by the stratified inverse CDF, w = p(t)/q(t)
@@ -261,8 +285,12 @@ class DMDModule(L.LightningModule):
             loss_g = dmd_loss(x, g_bar).mean()
             if self._diagnostic_due():
                 metrics.update(self._split_half_diagnostic(x, cond))  # exact parameter-space (σ_b², σ_w²)
-            metrics["grad_norm/generator"], stepped = self._update(opt_g, loss_g, self.generator.parameters())
             metrics["loss/generator_dm"] = loss_g.detach()
+            if self.gan_head is not None:  # the generator's GAN loss softplus(-f(G(z))) through the fake score
+                loss_gan = gan_generator_loss(self._gan_logits(x, cond, salt=4)).mean()
+                metrics["loss/gan_generator"] = loss_gan.detach()
+                loss_g = loss_g + self.cfg.gan.weight_generator * loss_gan
+            metrics["grad_norm/generator"], stepped = self._update(opt_g, loss_g, self.generator.parameters())
             taken.append(stepped)
             # a skipped (non-finite) update feeds neither the EMA nor the proposal statistics (masked on the device)
             self._ema_update(stepped)
@@ -274,8 +302,11 @@ class DMDModule(L.LightningModule):
         x_t = self.teacher.schedule.add_noise(x0, torch.randn(x0.shape, generator=rng, device=self.device), t_f)
         x0_hat = self.fake_score(x_t, t_f, cond)  # never guided (DMD2)
         loss_f = denoising_loss(x0_hat, x0, self.fake_score.loss_weight(t_f, x0)).mean()
-        metrics["grad_norm/fake_score"], stepped_f = self._update(opt_f, loss_f, self.fake_score.parameters())
         metrics["loss/fake_score"] = loss_f.detach()
+        if self.gan_head is not None:  # the discriminator: softplus(f(fake)) + softplus(-f(real)), same optimiser
+            metrics.update(self._discriminator_loss(x0, cond, N))
+            loss_f = loss_f + self.cfg.gan.weight_discriminator * metrics["loss/gan_discriminator"]
+        metrics["grad_norm/fake_score"], stepped_f = self._update(opt_f, loss_f, self.discriminator_params())
         taken.append(stepped_f)
         self._count_nonfinite(taken)
 
@@ -283,6 +314,86 @@ class DMDModule(L.LightningModule):
         self.accumulate(metrics)
         if self._sync_due():
             self.accumulate(self.check_health())
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Multi-step students and the GAN term.
+
+    def student_step(self) -> int:
+        """The student step k this training step trains: uniform over the generator's steps, drawn from (seed,
+        step) alone so that every rank trains the same k (DMD2); 0 for a one-step student (nothing drawn)."""
+        S = self.generator.steps
+        if S == 1:
+            return 0
+        shared = self._step_generator(rank_specific=False, salt=3, device="cpu")
+        return int(torch.randint(0, S, (1,), generator=shared))
+
+    def _renoise_draws(self, N: int, k: int, rng: torch.Generator) -> Tensor | None:
+        """Fresh noise for re-noising steps 0 .. k-1's x0 in backward simulation, (N, k, *shape); None for k = 0."""
+        if k == 0:
+            return None
+        return torch.randn((N, k, *self.sample_shape()), generator=rng, device=self.device)
+
+    def _gan_logits(self, x0: Tensor, cond: Condition | None, salt: int) -> Tensor:
+        """f(x0): the head on the fake score's bottleneck at x0 noised at t ~ U[0, T) (its own noise, salted)."""
+        from distill.gan import logits
+
+        return logits(self.fake_score, self.gan_head, x0, cond, self._step_generator(salt=salt))
+
+    def _discriminator_loss(self, fake: Tensor, cond: Condition | None, N: int) -> dict[str, Tensor]:
+        """The discriminator loss on N real samples (drawn from (seed, rank, step)) and the detached fake ones,
+        with its accuracies (real called real: f > 0; fake called fake: f < 0)."""
+        real, real_cond = self.real_batch(N)
+        f_real = self._gan_logits(real, real_cond, salt=5)
+        f_fake = self._gan_logits(fake.detach(), cond, salt=6)
+        loss = gan_discriminator_loss(f_real, f_fake).mean()
+        return {"loss/gan_discriminator": loss, "gan/accuracy_real": (f_real.detach() > 0).float().mean(),
+                "gan/accuracy_fake": (f_fake.detach() < 0).float().mean()}
+
+    def real_batch(self, N: int) -> tuple[Tensor, Condition | None]:
+        """N real samples and their conditions (labels, or captions through the frozen text encoder), drawn
+        uniformly with replacement by a CPU generator of (seed, rank, step): a resumed run reads the same batch."""
+        if self.real is None:
+            self.real = self.open_real_data()
+        batch = self.real.draw(N, self._step_generator(salt=7, device="cpu"))
+        x = batch.x.to(self.device, torch.float32)
+        if self.text is not None:
+            return x, self.text(list(batch.captions)).to(torch.float32)
+        if self.teacher.num_classes is not None:
+            return x, Condition(labels=batch.labels.to(self.device))
+        return x, None
+
+    def open_real_data(self):
+        """The GAN's real data (gan.data, or data.path for a pixel teacher), checked against the teacher: what the
+        fake score's input holds (latents for a latent teacher) and the condition it needs."""
+        from distill.data import RealData
+        from distill.errors import ConfigError
+
+        path = self.cfg.gan.data or (self.cfg.data.path if self.codec is None else None)
+        if path is None:
+            raise ConfigError("gan.data", "latent shards of real images for the GAN term of a latent teacher "
+                              "(`distill data latents --teacher PIPELINE --src SHARDS --out DIR`)")
+        real = RealData(path, "train")
+        if (real.kind == "latents") != (self.codec is not None):
+            expected = "latent shards (`distill data latents`)" if self.codec is not None else "image shards"
+            raise ConfigError("gan.data", f"{expected} for this teacher's input; {path!r} holds {real.kind}")
+        if real.kind == "latents":  # the same shape from another VAE would pass unnoticed: compare the VAEs
+            ours, theirs = self.codec.vae.config.scaling_factor, real.meta.get("scaling_factor")
+            if theirs is None or abs(float(theirs) - float(ours)) > 1e-12:
+                raise ConfigError("gan.data", f"latents encoded by this teacher's VAE (scaling_factor {ours}); "
+                                  f"{path!r} was encoded by {real.meta.get('teacher')!r} (scaling_factor {theirs})")
+        shape = tuple(self.sample_shape())
+        if tuple(real.sample_shape) != shape:
+            what = "latents" if self.codec is not None else "images"
+            raise ConfigError("gan.data", f"{what} of shape {shape} (the teacher's input); {path!r} holds "
+                              f"{real.kind} of shape {tuple(real.sample_shape)}")
+        first = real.get([0])  # what every sample of the folder holds beside its image or latent
+        if self.text is not None and first.captions is None:
+            raise ConfigError("gan.data", f"latent shards with captions for a text-to-image teacher; {path!r} has none "
+                              f"(`distill data latents --src` a caption folder written by `distill data captions`)")
+        if self.text is None and self.teacher.num_classes is not None and first.labels is None:
+            raise ConfigError("gan.data", f"shards with class labels for a class-conditional teacher; {path!r} has "
+                              f"none")
+        return real
 
     # ---------------------------------------------------------------------------------------------------------
     # CARV: draws, the batched integrand, bookkeeping.
@@ -336,11 +447,13 @@ class DMDModule(L.LightningModule):
         return metrics
 
     def _check_ranks_agree(self) -> float:
-        """1.0 when every rank holds the same proposal q and K (they must: the statistics are all-reduced);
-        a disagreement is a bug that would bias nothing but silently break the accounting, so it stops the run."""
+        """1.0 when every rank holds the same proposal q and K (they must: the statistics are all-reduced) and
+        trains the same student step; a disagreement is a bug that would bias nothing but silently break the
+        accounting (or, for the student step, DMD2's one-step-per-iteration rule), so it stops the run."""
         q = self.sampler.q
         mine = torch.tensor([float((q * torch.arange(q.numel(), dtype=q.dtype)).sum()), float(q.square().sum()),
-                             float(self.k_control.K)], dtype=torch.float64, device=self.device)
+                             float(self.k_control.K), float(self.student_step())], dtype=torch.float64,
+                            device=self.device)
         lo, hi = mine.clone(), mine.clone()
         torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
         torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
@@ -390,22 +503,36 @@ class DMDModule(L.LightningModule):
 
     @torch.no_grad()
     def measure_costs(self, N: int, cond: Condition | Tensor | None = None) -> dict[str, float]:
-        """c_u (generator forward + backward, per sample) and c_i (teacher, with guidance if any, + fake score, per
-        draw), as FLOPs and as wall time (distill.carv.diagnostics.measure_costs)."""
+        """c_u (per sample: generator forward + backward, with a multi-step student's backward simulation averaged
+        over the step it trains, and the GAN term's pass through the fake score when on) and c_i (teacher, with
+        guidance if any, + fake score, per draw), as FLOPs and as wall time (distill.carv.diagnostics.measure_costs)."""
         z = torch.zeros((N, *self.sample_shape()), device=self.device)
         t = torch.full((N,), (self.sampler.lo + self.sampler.hi) // 2, device=self.device, dtype=torch.long)
 
+        S = self.generator.steps
+        noise = torch.zeros((N, S - 1, *z.shape[1:]), device=self.device) if S > 1 else None
+        gan_rng = torch.Generator(device=self.device).manual_seed(0)
+
         def upstream():
-            with torch.enable_grad():
-                out = self.generator(z, cond)
-                params = [p for p in self.generator.parameters() if p.requires_grad]
-                torch.autograd.grad(out.float().pow(2).sum(), params, allow_unused=True)
+            # every student step k once (the training steps draw k uniformly): k no-grad steps of backward
+            # simulation, then step k with grad and its backward (through the GAN head too when it is on)
+            params = [p for p in self.generator.parameters() if p.requires_grad]
+            for k in range(S):
+                x_in = self.generator.input_of_step(z, k, cond, noise)
+                with torch.enable_grad():
+                    out = self.generator.step(x_in, k, cond)
+                    loss = out.float().pow(2).sum()
+                    if self.gan_head is not None:
+                        from distill.gan import logits
+
+                        loss = loss + logits(self.fake_score, self.gan_head, out, cond, gan_rng).sum()
+                    torch.autograd.grad(loss, params, allow_unused=True)
 
         def inner():
             self.teacher(z, t, cond, guidance_scale=self.cfg.teacher.guidance_scale)
             self.fake_score(z, t, cond)
 
-        return measure_costs(upstream, inner, N, N, self.device)
+        return measure_costs(upstream, inner, N * S, N, self.device)  # c_u: per sample, averaged over k
 
     def sample_shape(self) -> tuple[int, ...]:
         if isinstance(self.teacher, GaussianMixtureDenoiser):
@@ -493,7 +620,7 @@ class DMDModule(L.LightningModule):
             if isinstance(self.teacher, GaussianMixtureDenoiser):
                 z = torch.randn(2000, self.teacher.mixture.dim, generator=gen).to(self.device)
                 ref, _ = self.teacher.mixture.sample(2000, generator=gen)
-                return scatter_image(self.ema(z), ref, title=f"EMA generator, step {self.step}")
+                return scatter_image(self.ema(z, generator=gen), ref, title=f"EMA generator, step {self.step}")
             cols = self.cfg.logging.samples_per_class
             from distill.teachers import sample_shape_of
 
@@ -501,7 +628,7 @@ class DMDModule(L.LightningModule):
             cond, row_labels = self.grid_conditions(cols)
             rows = len(cond) // cols if cond is not None else cols
             z = torch.randn(rows * cols, *shape, generator=gen).to(self.device)
-            x = self.ema(z, cond)
+            x = self.ema(z, cond, generator=gen)  # a multi-step student's re-noising draws: from `gen` too
             return grid_image(self.decode(x), nrow=cols, row_labels=row_labels)
         finally:
             self.ema.train(was_training)

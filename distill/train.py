@@ -41,7 +41,8 @@ FREE_KEYS = ("run.", "trainer.max_steps", "trainer.checkpoint_every_steps", "tra
              "trainer.deterministic", "data.num_workers", "logging.", "eval.", "out", "sample_steps",
              "sample_guidance_scale")
 # file-system paths: resolved to absolute paths when a run starts
-PATH_KEYS = ("teacher.path", "data.path", "eval.fid_ref", "eval.features_path", "eval.inception_weights", "out")
+PATH_KEYS = ("teacher.path", "data.path", "gan.data", "eval.fid_ref", "eval.features_path", "eval.inception_weights",
+             "out")
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
@@ -512,11 +513,14 @@ def log_config(trainer, cfg) -> None:
 
 def fit_data(cfg, module, seed: int):
     """What the Trainer iterates: DMD reads no real data, so each step gets only its index (no decoding); the
-    shards are still checked against the teacher, since evaluation reads them."""
+    shards are still checked against the teacher, since evaluation reads them. The GAN term draws its real batches
+    itself, by random access (a function of seed, rank and step, like the noise)."""
     from distill.synthetic import StepStream
 
     if cfg.teacher.kind == "diffusers" and module.text is None:  # a text teacher has read its prompts already
         check_shards_fit(cfg, module)
+    if module.gan_head is not None:  # the GAN's real data, checked against the teacher before anything is written
+        module.real = module.open_real_data()
     return StepStream()
 
 

@@ -189,6 +189,22 @@ MUTANTS: tuple[Mutant, ...] = (
            'CACHE_KEY = ("path", "model", "samples", "extractor", "ref_sha", "seed", "teacher_steps", "guidance")',
            'CACHE_KEY = ("path", "model", "samples", "extractor", "teacher_steps", "guidance")',
            ("tests/test_fid_cli.py::test_results_are_keyed_on_reference_content_seed_and_protocol",)),
+    Mutant("student-step-per-rank", "every rank trains the same student step (DMD2's backward simulation)",
+           "distill/module.py", 'shared = self._step_generator(rank_specific=False, salt=3, device="cpu")',
+           'shared = self._step_generator(salt=3, device="cpu")',
+           ("tests/test_multistep.py::test_every_rank_trains_the_same_student_step_and_draws_its_own_noise",)),
+    Mutant("renoise-reuses-a-draw", "each step of a multi-step student re-noises with fresh noise",
+           "distill/teachers/denoiser.py", "x = self.renoise(self.step(x, j - 1, cond), j, noise[:, j - 1])",
+           "x = self.renoise(self.step(x, j - 1, cond), j, noise[:, 0])",
+           ("tests/test_multistep.py::test_backward_simulation_on_the_exact_mixture_teacher",)),
+    Mutant("upstream-cost-one-step", "c_u counts a multi-step student's backward simulation", "distill/module.py",
+           "return measure_costs(upstream, inner, N * S, N, self.device)",
+           "return measure_costs(upstream, inner, N, N, self.device)",
+           ("tests/test_multistep.py::test_the_upstream_cost_counts_backward_simulation",)),
+    Mutant("gan-head-untrained", "the discriminator loss trains the GAN head with the fake score", "distill/module.py",
+           'loss_f = loss_f + self.cfg.gan.weight_discriminator * metrics["loss/gan_discriminator"]',
+           'loss_f = loss_f + 0.0 * metrics["loss/gan_discriminator"]',
+           ("tests/test_multistep.py::test_gan_and_multistep_resume_bit_identical_and_log_their_metrics",)),
 )
 
 

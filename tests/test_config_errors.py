@@ -39,6 +39,8 @@ UNBOUNDED = [  # (schema, key, expected) for the float fields whose range has no
     (FitConfig, "estimator.adaptive_smoothing", "a finite number >= 0"),
     (FitConfig, "generator.lora_alpha", "a finite number > 0"),
     (FitConfig, "fake_score.lora_alpha", "a finite number > 0"),
+    (FitConfig, "gan.weight_generator", "a finite number >= 0"),
+    (FitConfig, "gan.weight_discriminator", "a finite number >= 0"),
     (TeacherTrainConfig, "optim.lr", "a finite number > 0"),
     (TeacherTrainConfig, "optim.weight_decay", "a finite number >= 0"),
     (TeacherTrainConfig, "optim.grad_clip", "a finite number >= 0"),
@@ -113,15 +115,15 @@ def test_t_init_must_be_non_negative(digits_shards, tiny_teacher, tmp_path):
 @pytest.mark.parametrize("t_init", [100, 2000, -1])
 def test_generator_checks_t_init_against_the_teacher(t_init):
     from distill.module import gmm_teacher
-    from distill.teachers import OneStepGenerator
+    from distill.teachers import Generator
 
     cfg = load_config(FitConfig, GMM, ["teacher.num_timesteps=100"])
     with pytest.raises(ConfigError) as e:
-        OneStepGenerator(gmm_teacher(cfg), t_init)
+        Generator(gmm_teacher(cfg), t_init)
     assert e.value.key == "generator.t_init"
     assert f"expected an index in [0, 100) of the teacher's 100 time steps, got {t_init}" in str(e.value)
-    assert OneStepGenerator(gmm_teacher(cfg), 99).t_init == 99
-    assert OneStepGenerator(gmm_teacher(cfg)).t_init == 99
+    assert Generator(gmm_teacher(cfg), 99).t_init == 99
+    assert Generator(gmm_teacher(cfg)).t_init == 99
 
 
 def test_module_refuses_t_init_past_the_teacher():

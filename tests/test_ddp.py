@@ -181,8 +181,8 @@ def training_step(self, batch, batch_idx):
     gen_forward, draw, integrand = self.generator.forward, self._draw_timesteps, self._integrand
     fake_forward = self.fake_score.forward
 
-    def generator(z, labels=None):
-        x = gen_forward(z, labels)
+    def generator(z, labels=None, **kw):
+        x = gen_forward(z, labels, **kw)
         drawn["z"].append(z.clone())
         if rank == 1 and step == NAN_SAMPLE_STEP:
             blown = torch.ones_like(x)

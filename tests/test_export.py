@@ -1,8 +1,9 @@
 """`distill export`: the exported folder, reloaded by stock diffusers, samples the student. A UNet2DModel run's
 export gives, in one LCMScheduler step, the EMA (or --raw) generator G(z, labels) of the checkpoint; a pipeline
 export (SD 1.x and SDXL layouts, epsilon and v-prediction) gives the x0 of the student UNet at T-1 on the
-pipeline's own prompt embeddings; a LoRA generator is merged into a plain UNet; bad input stops with one line and
-loses nothing."""
+pipeline's own prompt embeddings; a multi-step student (generator.timesteps) sampled by stock diffusers with a
+seeded torch.Generator equals distill.teachers.Generator on the same draws; a LoRA generator is merged into a plain
+UNet; bad input stops with one line and loses nothing."""
 
 from __future__ import annotations
 
@@ -84,8 +85,10 @@ def unet_run(tiny_teacher, digits_shards, tmp_path_factory) -> Path:
     return run_dir
 
 
-def _lcm_sample(folder: Path, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """What a diffusers user runs on the exported folder (docs/export.md)."""
+def _lcm_sample(folder: Path, z: torch.Tensor, labels: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """What a diffusers user runs on the exported folder (docs/export.md), from noise z (drawn from `generator`,
+    which then gives the re-noising draws of a multi-step student)."""
     from diffusers import LCMScheduler, UNet2DModel
 
     unet = UNet2DModel.from_pretrained(folder / "unet")
@@ -94,7 +97,7 @@ def _lcm_sample(folder: Path, z: torch.Tensor, labels: torch.Tensor) -> torch.Te
     x = z
     with torch.no_grad():
         for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
+            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=generator).prev_sample
     return x
 
 
@@ -124,6 +127,99 @@ def test_a_unet_run_exports_a_folder_whose_one_lcm_step_is_the_generator(unet_ru
     assert (G_ema - G_raw).abs().max() > 1e-3
     torch.testing.assert_close(_lcm_sample(tmp_path / "ema", z, labels), G_ema, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(_lcm_sample(tmp_path / "raw", z, labels), G_raw, rtol=1e-6, atol=1e-5)
+
+
+def _student(teacher: Path, seed: int):
+    """The teacher as `distill fit` loads it, its UNet's weights perturbed: the denoiser of a trained student."""
+    from distill.teachers import load_teacher
+
+    loaded = load_teacher(teacher)
+    unet = loaded.denoiser.net.unet.eval()
+    unet.load_state_dict(_perturbed(unet, seed))
+    return loaded
+
+
+def _draws(generator: torch.Generator, shape: tuple[int, ...], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draws of LCM sampling from one torch.Generator, in its order: the initial noise z, then one randn of the
+    sample's shape before each step after the first (LCMScheduler.step re-noises at every step but the last); as
+    distill.teachers.Generator takes them: z (N, *shape[1:]), noise (N, steps - 1, *shape[1:])."""
+    z = torch.randn(shape, generator=generator)
+    noise = [torch.randn(shape, generator=generator) for _ in range(steps - 1)]
+    return z, torch.stack(noise, dim=1)
+
+
+def _assert_the_student(got, denoiser, ts, z, cond, noise) -> None:
+    """`got` (an exported sampler's output) equals `Generator(denoiser, ts)` on the same draws, within float32
+    round-off of the x0 conversions (measured: <= 1e-6 of the output scale); and the check has power: the draws in
+    another order, or one step fewer, are more than 100 tolerances away."""
+    from distill.teachers import Generator
+
+    with torch.no_grad():
+        student = Generator(denoiser, ts)
+        want = student(z, cond, noise=noise)
+        other_order = student(z, cond, noise=noise.flip(1))
+        three_steps = Generator(denoiser, ts[:-1])(z, cond, noise=noise[:, :-1])
+    tol = 1e-5 * want.abs().max().item()
+    assert (want - other_order).abs().max() > 100 * tol and (want - three_steps).abs().max() > 100 * tol
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+
+def test_a_multi_step_unet_export_samples_the_students_steps_with_the_documented_loop(tiny_teacher, tmp_path):
+    """generator.timesteps [900, 600, 300, 50] (not starting at T-1, uneven, one small): the documented
+    LCMScheduler loop, with z and the re-noising noise drawn from one seeded torch.Generator, equals
+    distill.teachers.Generator on the checkpoint's weights with the same draws; c_skip <= 1e-8 at every timestep
+    (at 50: timestep_scaling 100). Each step and the order of the draws matter (far beyond the tolerance)."""
+    from diffusers import LCMScheduler
+
+    from distill.export import export
+
+    ts = [900, 600, 300, 50]
+    loaded = _student(tiny_teacher, seed=7)
+    ckpt = _fake_ckpt(tmp_path / "four.ckpt", tiny_teacher, loaded.denoiser.net.unet.state_dict(), timesteps=ts)
+    out = tmp_path / "student"
+    info = export(ckpt, out, progress=False)
+    assert info["timesteps"] == ts and json.loads((out / "distill.json").read_text())["timesteps"] == ts
+    assert info["lcm_c_skip"] == pytest.approx(1e-8, rel=1e-6)  # at 50, the smallest timestep: the binding one
+    scheduler = LCMScheduler.from_pretrained(out / "scheduler")
+    for t in ts:
+        assert scheduler.get_scalings_for_boundary_condition_discrete(t)[0] <= 1e-8 * (1 + 1e-6), t
+
+    labels = torch.tensor([0, 3, 5, 7, 9, 1])
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(6, 1, 8, 8, generator=g)
+    got = _lcm_sample(out, z, labels, generator=g)
+    z2, noise = _draws(torch.Generator().manual_seed(8), (6, 1, 8, 8), len(ts))
+    assert torch.equal(z, z2)
+    _assert_the_student(got, loaded.denoiser, ts, z, labels, noise)
+
+
+def test_a_multi_step_run_exports_the_checkpoints_generator(tiny_teacher, digits_shards, tmp_path):
+    """A one-step `distill fit` with generator.timesteps=[500,250] (the config as fit writes it into the checkpoint):
+    distill.json holds the list, and the documented loop on the export equals the checkpoint module's EMA generator
+    with the same draws."""
+    from distill.cli import main
+    from distill.evaluate import load_checkpoint_module
+    from distill.export import export
+
+    run_dir = tmp_path / "run"
+    assert main(["fit", "--config", DIGITS, f"run.dir={run_dir}", f"teacher.path={tiny_teacher}",
+                 f"data.path={digits_shards}", *QUIET, "data.batch_size=8", "optim.ttur=1", "trainer.max_steps=1",
+                 "generator.timesteps=[500,250]"]) == 0
+    info = export(run_dir, tmp_path / "student", progress=False)
+    assert info["timesteps"] == [500, 250] and info["step"] == 1
+
+    module, _ = load_checkpoint_module(run_dir / "checkpoints" / "step=0000001.ckpt")
+    labels = torch.tensor([2, 4, 6, 8])
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(4, 1, 8, 8, generator=g)
+    got = _lcm_sample(tmp_path / "student", z, labels, generator=g)
+    _, noise = _draws(torch.Generator().manual_seed(9), (4, 1, 8, 8), 2)
+    with torch.no_grad():
+        want = module.ema(z, labels, noise=noise)
+        one_step = module.ema.step(z, 0, labels)
+    tol = 1e-5 * want.abs().max().item()
+    assert (want - one_step).abs().max() > 100 * tol
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -203,6 +299,39 @@ def test_a_pipeline_export_samples_the_students_x0_with_stock_diffusers(pipeline
         images = pipe(PROMPT, num_inference_steps=1, timesteps=info["timesteps"], guidance_scale=0, latents=z,
                       output_type="np").images
     assert images.shape == (1, 16, 16, 1) and images.min() >= 0.0 and images.max() <= 1.0
+
+
+@pytest.mark.parametrize("kind,prediction_type", [("sd15", "v_prediction"), ("sdxl", "epsilon")])
+def test_a_multi_step_pipeline_export_samples_the_student_with_stock_diffusers(pipelines, tmp_path, kind,
+                                                                             prediction_type):
+    """DMD2's four steps, generator.timesteps [999, 749, 499, 249]: `Pipeline.from_pretrained(DIR)(prompt,
+    num_images_per_prompt=2, num_inference_steps=4, timesteps=ts, guidance_scale=0, generator=g,
+    output_type="latent")` equals distill.teachers.Generator on the checkpoint's weights and the teacher's own
+    encoding of the prompt, with z and the three re-noising draws taken from g in the pipeline's order; the
+    scheduler config makes `num_inference_steps=4` alone pick the same list. Each step and the order of the draws
+    matter (far beyond the tolerance)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from distill.export import export
+
+    ts = [999, 749, 499, 249]
+    teacher = pipelines(kind, prediction_type)
+    loaded = _student(teacher, seed=5)
+    ckpt = _fake_ckpt(tmp_path / "four.ckpt", teacher, loaded.denoiser.net.unet.state_dict(), timesteps=ts)
+    out = tmp_path / "student"
+    info = export(ckpt, out, progress=False)
+    assert info["timesteps"] == ts and 0 < info["lcm_c_skip"] <= 1e-8 * (1 + 1e-6)
+
+    pipe = (StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline).from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(num_inference_steps=len(ts))
+    assert pipe.scheduler.timesteps.tolist() == ts
+    with torch.no_grad():
+        got = pipe(PROMPT, num_images_per_prompt=2, num_inference_steps=len(ts), timesteps=ts, guidance_scale=0,
+                   generator=torch.Generator().manual_seed(6), output_type="latent").images
+        z, noise = _draws(torch.Generator().manual_seed(6), (2, 4, 8, 8), len(ts))
+        cond = loaded.text([PROMPT, PROMPT])
+    _assert_the_student(got, loaded.denoiser, ts, z, cond, noise)
 
 
 @pytest.mark.parametrize("adapters_only", [False, True])
@@ -295,6 +424,7 @@ def test_bad_input_stops_with_one_line_naming_it(pipelines, tmp_path, capsys):
     EDMEulerScheduler().save_pretrained(edm_teacher / "scheduler")
     weights = UNet2DConditionModel.from_pretrained(teacher / "unet").state_dict()
     out = tmp_path / "student"
+    capsys.readouterr()  # building the tiny pipeline here may log (transformers: no torchvision): not export's output
 
     def fails(*argv: str) -> str:
         code, stdout, err = export_cli(capsys, *argv)
@@ -339,6 +469,48 @@ def test_bad_input_stops_with_one_line_naming_it(pipelines, tmp_path, capsys):
     assert code == 0 and "timesteps=[999]" in stdout and "guidance_scale=0" in stdout, (stdout, err)
     assert not (out / "mine.txt").exists() and (out / "distill.json").is_file()
     assert json.loads((out / "distill.json").read_text())["teacher"] == str(teacher.resolve())
+
+
+@pytest.mark.parametrize("generator,expected", [
+    ({"timesteps": [749, 999]}, "strictly decreasing"),
+    ({"timesteps": [999, 499, 499]}, "strictly decreasing"),
+    ({"timesteps": [999, 0]}, "in [1, 1000)"),
+    ({"timesteps": [1000, 499]}, "in [1, 1000)"),
+    ({"timesteps": []}, "non-empty list"),
+    ({"timesteps": [999, 499.5]}, "integer"),
+    ({"timesteps": 999}, "non-empty list"),
+    ({"timesteps": [999, 499], "t_init": 749}, "the first of the timesteps"),
+])
+def test_bad_timesteps_in_a_checkpoint_are_refused_with_one_line(pipelines, tmp_path, capsys, generator, expected):
+    """generator.timesteps out of [1, T), not strictly decreasing, empty, not integers, not a list, or a t_init
+    other than its first: status 2, one line naming the checkpoint and the key, nothing written."""
+    from diffusers import UNet2DConditionModel
+
+    teacher = pipelines("sd15")
+    ckpt = _fake_ckpt(tmp_path / "bad.ckpt", teacher,
+                      UNet2DConditionModel.from_pretrained(teacher / "unet").state_dict(), **generator)
+    out = tmp_path / "student"
+    capsys.readouterr()  # building the tiny pipeline may log (transformers: no torchvision): not export's output
+    code, stdout, err = export_cli(capsys, str(ckpt), "--out", str(out))
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1, (code, stdout, err)
+    assert str(ckpt) in err and "generator.timesteps" in err and expected in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt"]
+
+
+def test_the_one_step_cli_message_and_a_two_step_one(pipelines, tmp_path, capsys):
+    """The printed call: num_inference_steps=1 and timesteps=[999] for a run without generator.timesteps, and
+    num_inference_steps=2 and timesteps=[999, 499] (distill.json's list) for generator.timesteps [999, 499]."""
+    from diffusers import UNet2DConditionModel
+
+    teacher = pipelines("sd15")
+    weights = UNet2DConditionModel.from_pretrained(teacher / "unet").state_dict()
+    for name, generator, call in [("one", {}, "num_inference_steps=1, timesteps=[999],"),
+                                  ("two", {"timesteps": [999, 499]}, "num_inference_steps=2, timesteps=[999, 499],")]:
+        ckpt = _fake_ckpt(tmp_path / f"{name}.ckpt", teacher, weights, **generator)
+        code, stdout, err = export_cli(capsys, str(ckpt), "--out", str(tmp_path / name))
+        assert code == 0 and call in stdout, (stdout, err)
+        assert json.loads((tmp_path / name / "distill.json").read_text())["timesteps"] == \
+            generator.get("timesteps", [999])
 
 
 def test_a_failed_export_keeps_the_old_folder_and_leaves_no_temporary(pipelines, tmp_path, monkeypatch):

@@ -90,7 +90,7 @@ def test_guidance_is_one_batched_call_of_uncond_plus_s_times_cond_minus_uncond(p
     UNet calls with the prompt's and the null condition's kwargs, as written in the pipelines (epsilon and
     v-prediction); the guided call is ONE UNet call on 2B inputs. The one-step generator at t_init sees the
     condition, unguided."""
-    from distill.teachers import OneStepGenerator, load_teacher
+    from distill.teachers import Generator, load_teacher
 
     teacher = load_teacher(pipelines[kind])
     D = teacher.denoiser
@@ -117,7 +117,7 @@ def test_guidance_is_one_batched_call_of_uncond_plus_s_times_cond_minus_uncond(p
             expected = x0_u + 3.0 * (x0_c - x0_u)
             torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-4)
             assert (x0_c - x0_u).abs().max() > 1e-2  # the condition matters, far beyond the tolerance
-            generator = OneStepGenerator(D, None)
+            generator = Generator(D, None)
             z = torch.randn(3, 4, 8, 8, generator=g)
             T = D.T
             torch.testing.assert_close(generator(z, cond), _x0(unet, D.schedule, D.prediction_type, z,

@@ -11,7 +11,7 @@ from distill.teachers import (
     Denoiser,
     GaussianMixture,
     GaussianMixtureDenoiser,
-    OneStepGenerator,
+    Generator,
     UNetAdapter,
     build_unet,
     ddim_sample,
@@ -112,11 +112,11 @@ def test_edm_preconditioning_matches_diffusers():
 def test_generator_evaluates_the_denoiser_at_t_init():
     schedule = vp_schedule(DDPMScheduler().alphas_cumprod)
     D = Denoiser(MLP(2, 1000, 16, 1), schedule, "sample")
-    G = OneStepGenerator(D, t_init=None)
+    G = Generator(D)
     assert G.t_init == 999
     z = torch.randn(5, 2)
     torch.testing.assert_close(G(z), D(z, torch.full((5,), 999)))
-    G_edm = OneStepGenerator(Denoiser(MLP(2, 100, 16, 1), edm_schedule(100), "sample"))
+    G_edm = Generator(Denoiser(MLP(2, 100, 16, 1), edm_schedule(100), "sample"))
     torch.testing.assert_close(G_edm(z), G_edm.denoiser(80.0 * z, torch.full((5,), 99)), rtol=1e-5, atol=1e-5)
 
 

@@ -51,9 +51,9 @@ def _spy(m: DMDModule) -> dict[str, list]:
     seen: dict[str, list] = {"z": [], "draws": [], "integrand": []}
     forward, draw, integrand = m.generator.forward, m._draw_timesteps, m._integrand
 
-    def forward_spy(z, labels=None):
+    def forward_spy(z, labels=None, **kw):
         seen["z"].append(z.detach().clone())
-        return forward(z, labels)
+        return forward(z, labels, **kw)
 
     def draw_spy(N, K, rng):
         t, w = draw(N, K, rng)

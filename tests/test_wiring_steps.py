@@ -49,9 +49,9 @@ def _draws_of_one_step(m: DMDModule, step: int, monkeypatch) -> dict[str, list[t
     seen: dict[str, list[torch.Tensor]] = {"z": [], "eps": [], "t": []}
     generator_forward, add_noise = m.generator.forward, m.teacher.schedule.add_noise
 
-    def forward(z, labels=None):
+    def forward(z, labels=None, **kw):
         seen["z"].append(z.clone())
-        return generator_forward(z, labels)
+        return generator_forward(z, labels, **kw)
 
     def noised(x0, eps, t):
         seen["eps"].append(eps.clone())
@@ -149,8 +149,8 @@ def skipped_at_step_3():
                 "estimator.diagnostic_every=1", "trainer.log_every_steps=100")
     forward = m.generator.forward
 
-    def blows_up_at_step_3(z, labels=None):
-        x = forward(z, labels)
+    def blows_up_at_step_3(z, labels=None, **kw):
+        x = forward(z, labels, **kw)
         if m.step != 3:
             return x
         blown = torch.ones_like(x)

@@ -10,7 +10,7 @@
 from distill.teachers.denoiser import (
     MLP,
     Denoiser,
-    OneStepGenerator,
+    Generator,
     TextUNetAdapter,
     UNetAdapter,
     ddim_sample,
@@ -29,7 +29,7 @@ from distill.teachers.loading import (
 from distill.teachers.text import LatentCodec, TextEncoder
 
 __all__ = [
-    "MLP", "Denoiser", "GaussianMixture", "GaussianMixtureDenoiser", "LatentCodec", "OneStepGenerator", "Teacher",
+    "MLP", "Denoiser", "GaussianMixture", "GaussianMixtureDenoiser", "Generator", "LatentCodec", "Teacher",
     "TextEncoder", "TextUNetAdapter", "UNetAdapter", "build_unet", "ddim_sample", "ema_update",
     "load_diffusers_teacher", "load_schedule", "load_teacher", "sample_shape_of", "trainable_copy",
 ]

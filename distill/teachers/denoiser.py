@@ -4,7 +4,7 @@
   schedule, converts eps-, v- or x0-predictions to x0 in float32 and applies classifier-free guidance in one
   batched call. The condition is a `distill.conditions.Condition` (class labels or text embeddings); a bare label
   tensor is accepted as class labels.
-- `OneStepGenerator` is G(z) = D_theta(x_init(z), t_init).
+- `Generator` is the student: G(z) = D_theta(x_init(z), t_init) in one step, or a few steps with re-noising.
 - `ddim_sample` is the deterministic DDIM sampler (Song et al. 2021, eq. 12 with eta = 0) on the x0 interface.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -161,10 +162,17 @@ class Denoiser(nn.Module):
 # The generator and the sampler.
 
 
-class OneStepGenerator(nn.Module):
-    """G(z) = D_theta(x_init(z), t_init): x_init = sigma_{t_init} z for EDM, z for VP (docs/method.md §2)."""
+class Generator(nn.Module):
+    """The student: one step, or a few steps with re-noising (DMD2 §4.4; docs/method.md §2).
 
-    def __init__(self, denoiser: Denoiser, t_init: int | None = None):
+    `timesteps` t_0 > t_1 > ... > t_{S-1} (indices of the teacher's T steps). Step k maps its input x at t_k to
+    x0_k = D_theta(x, t_k). Step 0's input is x_init(z) = sigma_{t_0} z for EDM, z for VP; step k > 0's input is
+    x0_{k-1} re-noised to t_k with fresh noise, alpha_{t_k} x0_{k-1} + sigma_{t_k} eps_k (the multi-step sampler of
+    DMD2, and LCM's). The output is the last step's x0. One entry (the default, T - 1) is the one-step generator
+    G(z) = D_theta(x_init(z), t_init).
+    """
+
+    def __init__(self, denoiser: Denoiser, timesteps: Sequence[int] | int | None = None):
         from distill.errors import ConfigError
 
         super().__init__()
@@ -172,15 +180,68 @@ class OneStepGenerator(nn.Module):
         T = denoiser.T
         # the config knows T only for the gmm teacher: a diffusers teacher's T is known once loaded, here; past it,
         # indexing the schedule would fail much later (an IndexError in the first cost measurement)
-        if t_init is not None and not 0 <= t_init < T:
-            raise ConfigError("generator.t_init", f"expected an index in [0, {T}) of the teacher's {T} time steps, "
-                              f"got {t_init}")
-        self.t_init = T - 1 if t_init is None else int(t_init)
+        if timesteps is None or isinstance(timesteps, int):  # one step, at generator.t_init
+            if timesteps is not None and not 0 <= timesteps < T:
+                raise ConfigError("generator.t_init", f"expected an index in [0, {T}) of the teacher's {T} time "
+                                  f"steps, got {timesteps}")
+            timesteps = [T - 1 if timesteps is None else timesteps]
+        timesteps = [int(t) for t in timesteps]
+        if not timesteps or any(not 0 <= t < T for t in timesteps):
+            raise ConfigError("generator.timesteps", f"expected indices in [0, {T}) of the teacher's {T} time steps, "
+                              f"got {timesteps}")
+        if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+            raise ConfigError("generator.timesteps", f"expected strictly decreasing time indices (the first is where "
+                              f"sampling starts), got {timesteps}")
+        self.timesteps = tuple(timesteps)
 
-    def forward(self, z: Tensor, cond: Condition | Tensor | None = None) -> Tensor:
-        t = torch.full((z.shape[0],), self.t_init, device=z.device, dtype=torch.long)
-        x_init = z * self.denoiser.schedule.sigma[self.t_init].item() if self.denoiser.schedule.kind == "edm" else z
-        return self.denoiser(x_init, t, cond)
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def t_init(self) -> int:
+        return self.timesteps[0]
+
+    def init(self, z: Tensor) -> Tensor:
+        """Step 0's input from z ~ N(0, I)."""
+        return z * self.denoiser.schedule.sigma[self.t_init].item() if self.denoiser.schedule.kind == "edm" else z
+
+    def step(self, x: Tensor, k: int, cond: Condition | Tensor | None = None) -> Tensor:
+        """x0 of step k from its input x at t_k."""
+        t = torch.full((x.shape[0],), self.timesteps[k], device=x.device, dtype=torch.long)
+        return self.denoiser(x, t, cond)
+
+    def renoise(self, x0: Tensor, k: int, eps: Tensor) -> Tensor:
+        """Step k's input (k >= 1): the previous step's x0 noised to t_k with fresh noise eps."""
+        t = torch.full((x0.shape[0],), self.timesteps[k], device=x0.device, dtype=torch.long)
+        return self.denoiser.schedule.add_noise(x0, eps.to(x0.dtype), t)
+
+    def input_of_step(self, z: Tensor, k: int, cond: Condition | Tensor | None = None,
+                      noise: Tensor | None = None) -> Tensor:
+        """Backward simulation (DMD2 §4.5): step k's input, from z through steps 0 .. k-1 (run as they are, under the
+        caller's grad mode) with the re-noising draws `noise` (N, >= k, *shape): noise[:, j - 1] re-noises to
+        t_j. k = 0 is x_init(z)."""
+        x = self.init(z)
+        for j in range(1, k + 1):
+            x = self.renoise(self.step(x, j - 1, cond), j, noise[:, j - 1])
+        return x
+
+    def forward(self, z: Tensor, cond: Condition | Tensor | None = None, noise: Tensor | None = None,
+                generator: torch.Generator | None = None, until: int | None = None) -> Tensor:
+        """The sample: x0 of the last step. `noise` (N, S - 1, *shape) holds the re-noising draws of steps 1 .. S-1;
+        without it they are drawn from `generator` (one block per sample, in order). `until=k` is training by
+        backward simulation (DMD2 §4.5): steps 0 .. k-1 run without grad, step k under the caller's grad mode, and
+        the result is step k's x0 (noise: (N, k, *shape))."""
+        last = self.steps - 1 if until is None else int(until)
+        if last > 0 and noise is None:
+            noise = torch.randn((z.shape[0], last, *z.shape[1:]), generator=generator,
+                                device=z.device if generator is None else generator.device).to(z.device, z.dtype)
+        if until is None:
+            x = self.input_of_step(z, last, cond, noise)
+        else:
+            with torch.no_grad():
+                x = self.input_of_step(z, last, cond, noise)
+        return self.step(x, last, cond)
 
 
 @torch.no_grad()
