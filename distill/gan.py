@@ -44,19 +44,6 @@ def _unet(denoiser: Denoiser) -> nn.Module:
     return unet
 
 
-def _net_inputs(denoiser: Denoiser, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """What `Denoiser._raw_to_x0` feeds the network: x_t and t as they are for VP (and x0-predicting EDM) networks,
-    c_in x_t and c_noise for EDM's eps / v networks (Karras et al. 2022, Table 1). Kept in step with it by
-    tests/test_gan.py::test_bottleneck_equals_the_mid_block_of_a_full_forward (the EDM case)."""
-    if denoiser.schedule.kind == "edm" and denoiser.prediction_type != "sample":
-        _, s = denoiser.schedule.coefficients(t, x_t.float())
-        sd = denoiser.sigma_data
-        c_in = 1.0 / (s * s + sd * sd).sqrt()
-        c_noise = 0.25 * denoiser.schedule.sigma.to(x_t.device)[t].log().to(x_t.dtype)
-        return (c_in * x_t).to(x_t.dtype), c_noise
-    return x_t, t
-
-
 def bottleneck(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond: Condition | Tensor | None = None) -> Tensor:
     """The UNet's mid-block output (B, C, h, w) on x_t at time indices t (B,), under the caller's grad mode.
 
@@ -73,7 +60,7 @@ def bottleneck(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond: Condition | Ten
         cond = None
     elif cond is None:
         cond = denoiser.null_condition(x_t.shape[0])
-    x_in, t_in = _net_inputs(denoiser, x_t, t)
+    x_in, t_in = denoiser.net_inputs(x_t, t)
 
     def stop(module: nn.Module, args, output) -> None:
         raise _Bottleneck(output[0] if isinstance(output, tuple) else output)

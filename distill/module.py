@@ -511,7 +511,6 @@ class DMDModule(L.LightningModule):
 
         S = self.generator.steps
         noise = torch.zeros((N, S - 1, *z.shape[1:]), device=self.device) if S > 1 else None
-        gan_rng = torch.Generator(device=self.device).manual_seed(0)
 
         def upstream():
             # every student step k once (the training steps draw k uniformly): k no-grad steps of backward
@@ -523,9 +522,7 @@ class DMDModule(L.LightningModule):
                     out = self.generator.step(x_in, k, cond)
                     loss = out.float().pow(2).sum()
                     if self.gan_head is not None:
-                        from distill.gan import logits
-
-                        loss = loss + logits(self.fake_score, self.gan_head, out, cond, gan_rng).sum()
+                        loss = loss + self._gan_logits(out, cond, salt=4).sum()
                     torch.autograd.grad(loss, params, allow_unused=True)
 
         def inner():

@@ -117,13 +117,22 @@ class Denoiser(nn.Module):
         """The null condition as `batch` rows (for guidance, and for calls without a condition)."""
         return Condition(**{name: getattr(self, f"null_{name}") for name in self._null_fields}).expand(batch)
 
+    def net_inputs(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """What the network is called with: x_t and t as they are, or for EDM eps / v networks c_in x_t and c_noise
+        (Karras et al. 2022, Table 1)."""
+        if self.schedule.kind == "edm" and self.prediction_type != "sample":
+            _, s = self.schedule.coefficients(t, x_t.float())
+            sd = self.sigma_data
+            c_in = 1.0 / (s * s + sd * sd).sqrt()
+            c_noise = 0.25 * self.schedule.sigma.to(x_t.device)[t].log().to(x_t.dtype)
+            return (c_in * x_t).to(x_t.dtype), c_noise
+        return x_t, t
+
     def _raw_to_x0(self, x_t: Tensor, t: Tensor, cond: Condition | None) -> Tensor:
         a, s = self.schedule.coefficients(t, x_t.float())
         if self.schedule.kind == "edm" and self.prediction_type != "sample":
             sd = self.sigma_data
-            c_in = 1.0 / (s * s + sd * sd).sqrt()
-            c_noise = 0.25 * self.schedule.sigma.to(x_t.device)[t].log().to(x_t.dtype)
-            raw = self.net((c_in * x_t).to(x_t.dtype), c_noise, cond).float()
+            raw = self.net(*self.net_inputs(x_t, t), cond).float()
             c_skip = sd * sd / (s * s + sd * sd)
             c_out = s * sd / (s * s + sd * sd).sqrt()
             if self.prediction_type == "v_prediction":
