@@ -5,18 +5,23 @@ UNet teacher, generator and fake score; one generator forward per step, reused b
 generator updated every `ttur` steps (one (t, eps) draw per sample, the DMD integrand, the surrogate loss); AdamW
 (fused, as distill uses), gradient clipping, the EMA. No Lightning, no callbacks, no logging, no checkpoints.
 
-Per-step wall time is the difference of an S_long-step and an S_short-step run of the same command divided by
-S_long - S_short, so that start-up (imports, loading, cost measurement) cancels. distill runs with
-configs/digits.yaml at batch 32, ttur 5, K = 1, W&B and the in-loop FID off, and everything else it does by default
-(CSV every 10 steps, sample grids, progress bar, checkpoints). The pairs are interleaved and repeated; the ratio's
-95% interval comes from a bootstrap over the repeats. Prints a table and writes JSON; never passes or fails.
+Per-step wall time is measured inside each process, between the end of step S_short and the end of step S_long, so
+that start-up (imports, loading, the cost measurement) is not counted: for distill, the difference of its logged
+`time/elapsed_seconds` at the two steps (distill.callbacks.StepTimer: everything between steps counts: data,
+callbacks, logging); for the bare loop, the same two points. That is the quantity the difference of an S_long-step and
+an S_short-step run estimates, without the start-up's jitter (seconds from run to run on 2 cores, which made that
+estimator's interval about +-8% at 8 repeats). distill runs with configs/digits.yaml at batch 32, ttur 5, K = 1, W&B
+and the in-loop FID off, and everything else it does by default (CSV every 10 steps, progress bar). Each repeat runs
+both, in alternating order; the ratio's 95% interval is a bootstrap over the repeats (pairs resampled). Prints a
+table and writes JSON; never passes or fails.
 
-    python benchmarks/overhead.py --repeats 3 --json benchmarks/results/overhead.json
+    python benchmarks/overhead.py --repeats 10 --json benchmarks/results/overhead.json
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import random
@@ -31,8 +36,9 @@ DISTILL_ARGS = ["data.batch_size=32", "optim.ttur=5", "estimator.K=1", "logging.
                 "eval.fid_every_steps=0"]
 
 
-def bare_loop(steps: int, batch: int = 32, ttur: int = 5) -> None:
-    """The same math as `distill fit --config configs/digits.yaml` (see the module docstring)."""
+def bare_loop(steps: int, mark: int, batch: int = 32, ttur: int = 5) -> float:
+    """The same math as `distill fit --config configs/digits.yaml` (see the module docstring); returns the wall
+    seconds from the end of step `mark` to the end of step `steps` (steps counted from 1, as distill counts them)."""
     import copy
 
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # "accelerate not found": harmless here
@@ -54,7 +60,10 @@ def bare_loop(steps: int, batch: int = 32, ttur: int = 5) -> None:
     opt_f = torch.optim.AdamW(fake.parameters(), lr=o.lr_fake_score, **kw)
     shape, T, C = (batch, *sample_shape_of(teacher)), teacher.T, teacher.num_classes
     lo, hi = int(0.02 * T), min(int(0.98 * T), T - 1)
+    t_mark = None
     for step in range(steps):
+        if step == mark:
+            t_mark = time.perf_counter()
         z = torch.randn(shape)
         labels = torch.randint(0, C, (batch,))
         update_g = step % ttur == 0
@@ -80,95 +89,87 @@ def bare_loop(steps: int, batch: int = 32, ttur: int = 5) -> None:
         loss_f.backward()
         torch.nn.utils.clip_grad_norm_(fake.parameters(), o.grad_clip)
         opt_f.step()
+    return time.perf_counter() - t_mark
 
 
-def _timed(cmd: list[str], env: dict) -> tuple[float, float]:
-    """(wall seconds, CPU seconds: user + system of the child) of one command. CPU time does not count time the
-    machine gave to others (steal, other processes), so it is the steadier measure on a shared machine."""
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+def _run(kind: str, short: int, long: int, data: Path, tmp: Path, env: dict) -> tuple[float, float]:
+    """(seconds per step between the end of step `short` and the end of step `long`, the process's wall seconds)."""
+    if kind == "bare":
+        cmd = [sys.executable, __file__, "--bare", str(long), str(short)]
+    else:
+        run_dir = tmp / f"run-{random.getrandbits(32):08x}"
+        cmd = [sys.executable, "-m", "distill", "fit", "--config", "configs/digits.yaml", f"run.dir={run_dir}",
+               f"data.path={data}", f"trainer.max_steps={long}", *DISTILL_ARGS]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
-def _commands(kind: str, steps: int, data: Path, tmp: Path) -> list[str]:
     if kind == "bare":
-        return [sys.executable, __file__, "--bare", str(steps)]
-    run_dir = tmp / f"run-{steps}-{random.getrandbits(32):08x}"
-    return [sys.executable, "-m", "distill", "fit", "--config", "configs/digits.yaml", f"run.dir={run_dir}",
-            f"data.path={data}", f"trainer.max_steps={steps}", *DISTILL_ARGS]
+        seconds = float(r.stdout.strip().splitlines()[-1])
+    else:
+        with open(run_dir / "metrics.csv", newline="") as fh:
+            elapsed = {int(row["step"]): float(row["time/elapsed_seconds"]) for row in csv.DictReader(fh)}
+        seconds = elapsed[long] - elapsed[short]
+    return seconds / (long - short), wall
 
 
-def _per_step(times: dict, short: int, long: int) -> dict[str, float]:
-    R = len(times[("bare", long)])
-    return {k: (sum(times[(k, long)]) - sum(times[(k, short)])) / R / (long - short) for k in ("bare", "distill")}
-
-
-def _bootstrap_ratio(times: dict, short: int, long: int, draws: int = 2000) -> list[float]:
+def _bootstrap_ratio(per: dict, draws: int = 4000) -> list[float]:
+    """95% interval of sum(distill) / sum(bare) with the repeats (pairs) resampled."""
     rng = random.Random(0)
-    R = len(times[("bare", long)])
+    R = len(per["bare"])
     out = []
     for _ in range(draws):
         pick = [rng.randrange(R) for _ in range(R)]
-        per = {k: (sum(times[(k, long)][i] for i in pick) - sum(times[(k, short)][i] for i in pick)) / R / (long - short)
-               for k in ("bare", "distill")}
-        out.append(per["distill"] / per["bare"])
+        out.append(sum(per["distill"][i] for i in pick) / sum(per["bare"][i] for i in pick))
     out.sort()
     return [out[int(0.025 * draws)], out[int(0.975 * draws) - 1]]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bare", type=int, metavar="STEPS", help=argparse.SUPPRESS)  # the child process
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each command [3]")
-    ap.add_argument("--short", type=int, default=10, help="steps of the short run [10]")
-    ap.add_argument("--long", type=int, default=210, help="steps of the long run [210]")
+    ap.add_argument("--bare", type=int, nargs=2, metavar=("STEPS", "MARK"), help=argparse.SUPPRESS)  # the child
+    ap.add_argument("--repeats", type=int, default=10, help="repeats, each running both loops [10]")
+    ap.add_argument("--short", type=int, default=10, help="timing starts at the end of this step [10]")
+    ap.add_argument("--long", type=int, default=210, help="and ends at the end of this one (the run's length) [210]")
     ap.add_argument("--json", help="write the result here")
     args = ap.parse_args()
     if args.bare is not None:
-        bare_loop(args.bare)
+        print(bare_loop(*args.bare))
         return
+    if args.long % 10 or args.short % 10:
+        ap.error("--short and --long must be multiples of 10 (distill logs every 10 steps)")
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    per: dict = {"bare": [], "distill": []}
+    walls: dict = {"bare": [], "distill": []}
     with tempfile.TemporaryDirectory(prefix="distill-overhead-") as tmp:
         tmp = Path(tmp)
         data = tmp / "digits"
         subprocess.run([sys.executable, "-m", "distill", "data", "digits", "--out", str(data)], cwd=REPO, env=env,
                        check=True, capture_output=True)
-        times: dict = {}
-        cpu: dict = {}
         for r in range(args.repeats):
-            for kind in ("bare", "distill"):
-                for steps in (args.short, args.long):
-                    wall, cpu_s = _timed(_commands(kind, steps, data, tmp), env)
-                    times.setdefault((kind, steps), []).append(wall)
-                    cpu.setdefault((kind, steps), []).append(cpu_s)
-                    print(f"repeat {r + 1}/{args.repeats}: {kind:>7} {steps:>4} steps {wall:6.1f} s wall, "
-                          f"{cpu_s:6.1f} s CPU", flush=True)
-    per, per_cpu = _per_step(times, args.short, args.long), _per_step(cpu, args.short, args.long)
-    ratio, ratio_cpu = per["distill"] / per["bare"], per_cpu["distill"] / per_cpu["bare"]
-    lo, hi = _bootstrap_ratio(times, args.short, args.long)
-    lo_c, hi_c = _bootstrap_ratio(cpu, args.short, args.long)
+            for kind in (("bare", "distill") if r % 2 == 0 else ("distill", "bare")):
+                s, wall = _run(kind, args.short, args.long, data, tmp, env)
+                per[kind].append(s)
+                walls[kind].append(wall)
+                print(f"repeat {r + 1}/{args.repeats}: {kind:>7} {s:.4f} s/step (process {wall:5.1f} s)", flush=True)
+    R = args.repeats
+    mean = {k: sum(v) / R for k, v in per.items()}
+    ratio = mean["distill"] / mean["bare"]
+    lo, hi = _bootstrap_ratio(per)
     import torch
 
-    result = {"per_step_seconds": per, "ratio": ratio, "ratio_ci95": [lo, hi],
-              "per_step_cpu_seconds": per_cpu, "ratio_cpu": ratio_cpu, "ratio_cpu_ci95": [lo_c, hi_c],
-              "repeats": args.repeats, "short_steps": args.short, "long_steps": args.long,
-              "distill_args": DISTILL_ARGS, "times": {f"{k}-{s}": v for (k, s), v in times.items()},
-              "cpu_times": {f"{k}-{s}": v for (k, s), v in cpu.items()},
+    result = {"per_step_seconds": mean, "ratio": ratio, "ratio_ci95": [lo, hi], "repeats": R,
+              "short_steps": args.short, "long_steps": args.long, "distill_args": DISTILL_ARGS,
+              "per_repeat_seconds_per_step": per, "process_wall_seconds": walls,
+              "method": "in-process wall time from the end of step short to the end of step long (distill: "
+                        "time/elapsed_seconds); ratio of means; bootstrap over repeats",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                        text=True).stdout.strip()}
-    print(f"\n| loop | s/step (wall) | s/step (CPU) |\n|---|---|---|\n"
-          f"| bare PyTorch | {per['bare']:.4f} | {per_cpu['bare']:.4f} |\n"
-          f"| distill fit | {per['distill']:.4f} | {per_cpu['distill']:.4f} |")
-    print(f"\nratio distill / bare: wall {ratio:.3f} (95% bootstrap interval [{lo:.3f}, {hi:.3f}]), CPU time "
-          f"{ratio_cpu:.3f} ([{lo_c:.3f}, {hi_c:.3f}]), {args.repeats} repeats")
+    print(f"\n| loop | s/step (steps {args.short + 1}-{args.long}, mean of {R}) |\n|---|---|\n"
+          f"| bare PyTorch | {mean['bare']:.4f} |\n| distill fit | {mean['distill']:.4f} |")
+    print(f"\nratio distill / bare: {ratio:.3f} (95% bootstrap interval [{lo:.3f}, {hi:.3f}], {R} repeats)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -577,7 +577,7 @@ class DMDModule(L.LightningModule):
     def flush_metrics(self) -> None:
         """Write the running means of the window to every logger at the current step."""
         # running means over the window; counters and evaluations report their latest value
-        means = {k: float(v[-1] if k.startswith(("health/", "fid/", "prompt/")) else
+        means = {k: float(v[-1] if k.startswith(("health/", "fid/", "prompt/", "time/elapsed")) else
                           (torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device) for x in v]).mean()
                            if any(torch.is_tensor(x) for x in v) else sum(v) / len(v)))
                  for k, v in self._acc.items() if v}

@@ -55,7 +55,12 @@ def test_a_finished_run_rerun_touches_nothing_and_more_steps_continue(tmp_path, 
     assert _snapshot(run_dir) == before  # not a byte or a timestamp changed
     assert _fit(run_dir, "trainer.max_steps=40") == 0
     assert _step(run_dir / "checkpoints" / "last.ckpt") == 40
-    assert [int(r["step"]) for r in _rows(run_dir)] == list(range(5, 41, 5))
+    rows = _rows(run_dir)
+    assert [int(r["step"]) for r in rows] == list(range(5, 41, 5))
+    # training wall time: at least the steps' own time, and carried across the resume (it grows past step 20)
+    elapsed = [float(r["time/elapsed_seconds"]) for r in rows]
+    assert all(a < b for a, b in zip(elapsed, elapsed[1:])), elapsed
+    assert elapsed[3] >= sum(5 * float(r["time/step_seconds"]) for r in rows[:4]) * (1 - 1e-6)
 
 
 def test_a_copied_finished_run_continues_too(tmp_path):

@@ -281,18 +281,33 @@ class FIDMonitor(L.Callback):
 
 
 class StepTimer(L.Callback):
-    """time/step_seconds and time/samples_per_second, averaged over the logging window."""
+    """time/step_seconds and time/samples_per_second, averaged over the logging window, and time/elapsed_seconds:
+    the wall time of training since step 0, from the start of this process's first step to the end of the logged
+    one, everything between steps included (data, callbacks, logging, checkpoints) and start-up excluded, carried
+    across resumes in the checkpoint. Time-to-quality curves and benchmarks/overhead.py read it."""
 
     def __init__(self):
         self._t0 = None
+        self._last = None  # perf_counter at the end of the previous step (or the start of the first)
+        self.elapsed = 0.0
+
+    def state_dict(self) -> dict:
+        return {"elapsed": self.elapsed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.elapsed = float(state.get("elapsed", 0.0))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t0 = time.perf_counter()
+        if self._last is None:
+            self._last = self._t0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._t0 is not None and hasattr(pl_module, "accumulate"):
-            dt = time.perf_counter() - self._t0
-            pl_module.accumulate({"time/step_seconds": dt})
+            now = time.perf_counter()
+            self.elapsed += now - self._last
+            self._last = now
+            pl_module.accumulate({"time/step_seconds": now - self._t0, "time/elapsed_seconds": self.elapsed})
 
 
 class FlushMetrics(L.Callback):
