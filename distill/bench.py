@@ -6,6 +6,9 @@ replicates, the distance of its mean from the baseline's mean with the standard 
 compute (FLOPs: N (c_u + K c_i)) and wall time, and the effective compute multiplier against the baseline,
 ECM = (Var . Cost)_baseline / (Var . Cost)_method (docs/method.md §5). The oracle limit of the reuse family,
 (σ_b² + σ_w²)(c_u + c_i) / (σ_b sqrt(c_u) + σ_w sqrt(c_i))², comes from the split-half estimates of σ_b², σ_w².
+A multi-step student (generator.timesteps) is measured as it trains: each replicate (and each diagnostic and pilot
+round) draws one student step k uniformly and estimates the gradient at step k's x0 by backward simulation, so the
+variance includes the spread over k and c_u the extra generator forwards (averaged over k).
 Nothing here passes or fails: it prints a table and writes JSON.
 """
 
@@ -137,6 +140,16 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
         z = torch.randn((N, *shape), generator=gen, device=dev)
         return z, module.sample_condition(N, gen, host_rng=torch.Generator().manual_seed(10_000 + r))
 
+    S = module.generator.steps
+
+    def student(z, cond, gen: torch.Generator) -> torch.Tensor:
+        """x0 of a uniformly drawn student step k by backward simulation, as training computes it (S = 1: the
+        one-step generator, nothing drawn)."""
+        if S == 1:
+            return module.generator(z, cond)
+        k = int(torch.randint(0, S, (1,), generator=gen, device=gen.device))
+        return module.generator(z, cond, noise=module._renoise_draws(N, k, gen), until=k)
+
     costs = module.measure_costs(N, outer(0)[1])
     c_u, c_i = costs["upstream_flops"], costs["inner_flops"]
 
@@ -145,7 +158,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
     for r in range(diagnostic_rounds):
         module.step = 1_000_000 + r  # the diagnostic's own noise stream
         z, cond = outer(50_000 + r)
-        x = module.generator(z, cond)
+        x = student(z, cond, torch.Generator(device=dev).manual_seed(50_000 + r))
         out = module._split_half_diagnostic(x, cond)
         sb.append(out["carv/sigma_b2_raw"])
         sw.append(out["carv/sigma_w2_raw"])
@@ -167,7 +180,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
                 z, cond = outer(90_000 + r)
                 gen = torch.Generator(device=dev).manual_seed(90_000 + r)
                 with torch.no_grad():
-                    x = module.generator(z, cond)
+                    x = student(z, cond, gen)
                     t, _ = sampler.sample(N, 16, generator=gen, device=dev, stratify="none")
                     eps = torch.randn((N * 16, *shape), generator=gen, device=dev)
                     g = module._integrand(x, cond, t, eps)
@@ -185,7 +198,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
             z, cond = outer(r)
             gen = torch.Generator(device=dev).manual_seed(20_000 + r)
             t0 = time.perf_counter()
-            x = module.generator(z, cond)
+            x = student(z, cond, gen)
             b0 = time.perf_counter()
             t, w = sampler.sample(N, K, generator=gen, device=dev)
             book += time.perf_counter() - b0
@@ -221,14 +234,17 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
         row["var_reduction"] = base_row["var_trace"] / row["var_trace"]
         row["ecm"] = ecm(base_row["var_trace"], base_row["flops"], row["var_trace"], row["flops"])
         row["ecm_oracle"] = ecm_oracle(sigma_b2, sigma_w2, c_u, c_i)
-    return {"state": state, "config": config_path, "overrides": list(overrides), "N": N, "replicates": replicates, "sigma_b2": sigma_b2,
+    return {"state": state, "config": config_path, "overrides": list(overrides), "N": N, "replicates": replicates, "student_steps": S, "sigma_b2": sigma_b2,
             "sigma_w2": sigma_w2, "cost_upstream_flops": c_u, "cost_inner_flops": c_i,
             "cost_upstream_seconds": costs["upstream_seconds"], "cost_inner_seconds": costs["inner_seconds"],
             "k_auto": k_auto, "rows": rows}
 
 
 def format_table(result: dict) -> str:
-    head = (f"state: {result['state']}\nN = {result['N']} generator samples, R = {result['replicates']} replicates; "
+    steps = result.get("student_steps", 1)
+    head = (f"state: {result['state']}\n" + (f"{steps}-step student (one step k per replicate, backward simulation); "
+                                             if steps > 1 else "") +
+            f"N = {result['N']} generator samples, R = {result['replicates']} replicates; "
             f"sigma_b2 = {result['sigma_b2']:.4g}, sigma_w2 = {result['sigma_w2']:.4g}, "
             f"c_u = {result['cost_upstream_flops']:.4g} FLOPs, c_i = {result['cost_inner_flops']:.4g} FLOPs "
             f"(c_u/c_i = {result['cost_upstream_flops'] / result['cost_inner_flops']:.2f}), auto K = {result['k_auto']}")

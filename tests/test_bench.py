@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import run_cli
 
@@ -86,3 +87,27 @@ def test_bad_options_are_named(capsys, args, named):
 def test_device_cuda_without_a_gpu_is_refused(gmm_ckpt, capsys):
     code, line = bench(capsys, "--config", "configs/gmm.yaml", "--ckpt", str(gmm_ckpt), "--device", "cuda")
     assert code == 2 and "--device cuda: no CUDA device here; expected cpu or auto" in line
+
+
+def test_a_multi_step_student_is_benched_at_the_step_training_draws(monkeypatch):
+    """Four steps: every gradient the bench estimates is at one student step k's x0 by backward simulation (never
+    the whole chain under grad), k varies over replicates, and the result says how many steps."""
+    from distill.bench import bench_variance
+    from distill.config import FitConfig, load_config
+    from distill.teachers import Generator
+
+    seen = []
+    forward = Generator.forward
+
+    def spy(self, z, cond=None, noise=None, generator=None, until=None):
+        seen.append((until, torch.is_grad_enabled()))
+        return forward(self, z, cond, noise=noise, generator=generator, until=until)
+
+    monkeypatch.setattr(Generator, "forward", spy)
+    cfg = load_config(FitConfig, "configs/gmm.yaml", ["generator.timesteps=[999,749,499,249]", "data.batch_size=32"])
+    result = bench_variance(cfg, replicates=8, warmup_steps=0, pilot_rounds=2, diagnostic_rounds=2, progress=False)
+    assert result["student_steps"] == 4
+    benched = [u for u, grad in seen if grad]  # the gradients' samples (the sampling for grids runs without grad)
+    assert benched and all(u is not None and 0 <= u < 4 for u in benched), set(benched)
+    assert len(set(benched)) > 1  # k drawn per replicate, not fixed
+    assert result["rows"][0]["var_trace"] > 0

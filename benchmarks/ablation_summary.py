@@ -1,0 +1,70 @@
+"""Means over seeds of the digits ablation (benchmarks/ablation.sh writes one JSON per seed), with 95% intervals.
+
+For each variant: the mean FID over the seeds that ran it, its t-interval, and the paired difference to the 50-step
+teacher of the same seed (student - teacher; below zero = the student beats the teacher) with its t-interval. With
+two or three seeds the intervals are wide; they are printed as they come. Prints a table and writes JSON.
+
+    python benchmarks/ablation_summary.py [--json benchmarks/results/ablation-digits.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import statistics
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# two-sided 95% quantiles of Student's t, by degrees of freedom
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+ORDER = ["dmd", "gan", "four", "four_gan", "four_lr"]
+LABELS = {"dmd": "DMD only (one step)", "gan": "+ GAN", "four": "four steps", "four_gan": "four steps + GAN",
+          "four_lr": "four steps, lr_generator 2e-5"}
+
+
+def mean_ci(xs: list[float]) -> tuple[float, list[float] | None]:
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return m, None
+    h = T975.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / len(xs) ** 0.5
+    return m, [m - h, m + h]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(REPO / "benchmarks/results/ablation-digits-seed*.json"),
+                    help="the per-seed JSON files (a glob) [benchmarks/results/ablation-digits-seed*.json]")
+    ap.add_argument("--json", default=str(REPO / "benchmarks/results/ablation-digits.json"), help="write here")
+    args = ap.parse_args()
+    runs = [json.loads(Path(p).read_text()) for p in sorted(glob.glob(args.results))]
+    if not runs:
+        raise SystemExit(f"no results match {args.results}: run `bash benchmarks/ablation.sh SEED` first")
+    fmt = lambda m, ci: f"{m:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")  # noqa: E731
+    teacher = [r["teacher_50step_fid"] for r in runs]
+    rows = []
+    for name in ORDER:
+        per = [(r["seed"], v, r["teacher_50step_fid"]) for r in runs for v in r["variants"] if v["variant"] == name]
+        if not per:
+            continue
+        fid, fid_ci = mean_ci([v["fid"] for _, v, _ in per])
+        gap, gap_ci = mean_ci([v["fid"] - t for _, v, t in per])
+        secs, secs_ci = mean_ci([float(v["fit_seconds"]) for _, v, _ in per])
+        rows.append({"variant": name, "seeds": [s for s, _, _ in per], "fid": fid, "fid_ci95": fid_ci,
+                     "minus_teacher": gap, "minus_teacher_ci95": gap_ci, "fit_seconds": secs,
+                     "fit_seconds_ci95": secs_ci, "fids": [v["fid"] for _, v, _ in per]})
+    t_mean, t_ci = mean_ci(teacher)
+    print("| variant | seeds | FID, mean [95% interval] | student - teacher, paired | fit wall time |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {LABELS[r['variant']]} | {len(r['seeds'])} | {fmt(r['fid'], r['fid_ci95'])} | "
+              f"{fmt(r['minus_teacher'], r['minus_teacher_ci95'])} | {r['fit_seconds']:.0f} s |")
+    print(f"| teacher, 50 DDIM steps | {len(teacher)} | {fmt(t_mean, t_ci)} | | |")
+    result = {"variants": rows, "teacher_50step_fid": t_mean, "teacher_50step_fid_ci95": t_ci,
+              "seeds": [r["seed"] for r in runs], "commits": sorted({r["commit"] for r in runs}),
+              "interval": "t-interval over seeds (two-sided 95%)", "protocol": runs[0]["protocol"]}
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
