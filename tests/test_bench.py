@@ -104,8 +104,10 @@ def test_a_multi_step_student_is_benched_at_the_step_training_draws(monkeypatch)
         return forward(self, z, cond, noise=noise, generator=generator, until=until)
 
     monkeypatch.setattr(Generator, "forward", spy)
-    cfg = load_config(FitConfig, "configs/gmm.yaml", ["generator.timesteps=[999,749,499,249]", "data.batch_size=32"])
-    result = bench_variance(cfg, replicates=8, warmup_steps=0, pilot_rounds=2, diagnostic_rounds=2, progress=False)
+    overrides = ["generator.timesteps=[999,749,499,249]", "data.batch_size=32"]
+    cfg = load_config(FitConfig, "configs/gmm.yaml", overrides)
+    result = bench_variance(cfg, replicates=8, warmup_steps=20, pilot_rounds=2, diagnostic_rounds=2, progress=False,
+                            config_path="configs/gmm.yaml", overrides=overrides)
     assert result["student_steps"] == 4
     benched = [u for u, grad in seen if grad]  # the gradients' samples (the sampling for grids runs without grad)
     assert benched and all(u is not None and 0 <= u < 4 for u in benched), set(benched)
