@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--short", type=int, default=10, help="timing starts at the end of this step [10]")
     ap.add_argument("--long", type=int, default=210, help="and ends at the end of this one (the run's length) [210]")
     ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--add-to", metavar="JSON", help="pool with the repeats of an earlier result of this script (same "
+                    "steps and distill arguments; its commit is kept in `commits`): more repeats across sittings")
     args = ap.parse_args()
     if args.bare is not None:
         print(json.dumps(bare_loop(*args.bare)))
@@ -147,6 +149,15 @@ def main() -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
     windows: dict = {"bare": [], "distill": []}  # per repeat, the 10-step windows' seconds
     walls: dict = {"bare": [], "distill": []}
+    commits = []
+    if args.add_to:
+        prev = json.loads(Path(args.add_to).read_text())
+        if "window_seconds" not in prev or (prev["short_steps"], prev["long_steps"], prev["distill_args"]) != (
+                args.short, args.long, DISTILL_ARGS):
+            ap.error(f"--add-to {args.add_to}: not a result of this script with --short {args.short} --long "
+                     f"{args.long} and distill arguments {DISTILL_ARGS}")
+        windows, walls = prev["window_seconds"], prev["process_wall_seconds"]
+        commits = prev.get("commits", [prev["commit"]])
     with tempfile.TemporaryDirectory(prefix="distill-overhead-") as tmp:
         tmp = Path(tmp)
         data = tmp / "digits"
@@ -159,7 +170,7 @@ def main() -> None:
                 walls[kind].append(wall)
                 print(f"repeat {r + 1}/{args.repeats}: {kind:>7} {sum(w) / len(w) / 10:.4f} s/step mean, "
                       f"{statistics.median(w) / 10:.4f} median of 10-step windows (process {wall:5.1f} s)", flush=True)
-    R = args.repeats
+    R = len(windows["bare"])
     # per repeat: the mean step (all windows) and the median 10-step window (robust to the VM's bursts of stolen
     # time, which hit a few windows of a run; every window holds one CSV flush, so the median still counts it)
     per = {k: [sum(w) / len(w) / 10 for w in v] for k, v in windows.items()}
@@ -171,6 +182,8 @@ def main() -> None:
     lo_m, hi_m = _bootstrap_ratio(per_median)
     import torch
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
     result = {"per_step_seconds": mean, "ratio": ratio, "ratio_ci95": [lo, hi],
               "per_step_seconds_median_window": median, "ratio_median_window": ratio_median,
               "ratio_median_window_ci95": [lo_m, hi_m], "repeats": R,
@@ -180,8 +193,7 @@ def main() -> None:
                         "long (distill: time/elapsed_seconds); per repeat the mean step and the median window; "
                         "ratio of the means over repeats; bootstrap over repeats",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                       text=True).stdout.strip()}
+              "commit": commit, "commits": sorted(set(commits) | {commit})}
     print(f"\n| loop | s/step, steps {args.short + 1}-{args.long} (mean over {R} repeats) | s/step, median "
           f"10-step window |\n|---|---|---|\n| bare PyTorch | {mean['bare']:.4f} | {median['bare']:.4f} |\n"
           f"| distill fit | {mean['distill']:.4f} | {median['distill']:.4f} |")

@@ -6,6 +6,11 @@ replicates, the distance of its mean from the baseline's mean with the standard 
 compute (FLOPs: N (c_u + K c_i)) and wall time, and the effective compute multiplier against the baseline,
 ECM = (Var . Cost)_baseline / (Var . Cost)_method (docs/method.md §5). The oracle limit of the reuse family,
 (σ_b² + σ_w²)(c_u + c_i) / (σ_b sqrt(c_u) + σ_w sqrt(c_i))², comes from the split-half estimates of σ_b², σ_w².
+Reuse over (t, eps) cannot remove σ_b²: no estimator of the family cuts the variance past the ceiling
+(σ_b² + σ_w²) / σ_b², printed with each estimator's fraction of it. Every variance cut and ECM carries a 95% interval,
+a bootstrap over the replicates resampled in pairs (computed from each estimator's Gram matrix of replicate
+gradients), and a row whose variance (or the baseline's) has a relative standard error above 50% is flagged
+`heavy_tail`: a few replicates hold most of it and its ratios mean little.
 A multi-step student (generator.timesteps) is measured as it trains: each replicate (and each diagnostic and pilot
 round) draws one student step k uniformly and estimates the gradient at step k's x0 by backward simulation, so the
 variance includes the spread over k and c_u the extra generator forwards (averaged over k).
@@ -40,12 +45,19 @@ ESTIMATORS = (
 
 
 class _Moments:
-    """Streaming per-coordinate mean and variance (float64) of flat gradient vectors."""
+    """Streaming per-coordinate mean and variance (float64) of flat gradient vectors, and the replicates themselves
+    (float32, on the host) while they fit `keep_bytes`: their Gram matrix gives the intervals (`replicate_gram`)."""
 
-    def __init__(self):
+    def __init__(self, keep_bytes: int = 0):
         self.n, self.sum, self.sq = 0, None, None
+        self.keep_bytes, self.kept = keep_bytes, []
 
     def add(self, v: torch.Tensor) -> None:
+        if self.kept is not None:
+            if (len(self.kept) + 1) * v.numel() * 4 > self.keep_bytes:
+                self.kept = None  # too large to keep: no intervals for this estimator
+            else:
+                self.kept.append(v.detach().float().cpu())
         v = v.double()
         self.sum = v.clone() if self.sum is None else self.sum + v
         self.sq = v * v if self.sq is None else self.sq + v * v
@@ -58,6 +70,55 @@ class _Moments:
     @property
     def var(self) -> torch.Tensor:  # unbiased, per coordinate
         return (self.sq - self.sum * self.sum / self.n) / (self.n - 1)
+
+    def replicate_gram(self, chunk: int = 1 << 20) -> torch.Tensor | None:
+        """G[i, j] = <x_i, x_j> over the kept replicates (float64, (R, R)); None when they were not kept."""
+        if not self.kept:
+            return None
+        X = torch.stack(self.kept)
+        G = torch.zeros(len(self.kept), len(self.kept), dtype=torch.float64)
+        for a in range(0, X.shape[1], chunk):
+            block = X[:, a:a + chunk].double()
+            G += block @ block.T
+        return G
+
+
+def trace_of_resamples(G: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The unbiased covariance trace of each resample of the replicates, idx (B, R) of row indices, from their Gram
+    matrix alone: sum_i |x_i - x_bar|^2 / (R - 1) = (sum_i G_ii - (1/R) sum_kl G_kl) / (R - 1)."""
+    R = idx.shape[1]
+    diag = G.diagonal()[idx].sum(1)
+    total = G[idx[:, :, None], idx[:, None, :]].sum((1, 2))
+    return (diag - total / R) / (R - 1)
+
+
+def variance_ratio_ci(G_base: torch.Tensor, G: torch.Tensor, draws: int = 4000, seed: int = 0,
+                      level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of Var_baseline / Var_estimator, the replicates resampled in pairs (replicate r
+    of both shares its z: common random numbers)."""
+    R = G.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    ratios = []
+    for a in range(0, draws, 250):
+        idx = torch.randint(0, R, (min(250, draws - a), R), generator=gen)
+        ratios.append(trace_of_resamples(G_base, idx) / trace_of_resamples(G, idx))
+    r = torch.cat(ratios).sort().values
+    lo, hi = (1 - level) / 2, (1 + level) / 2
+    return [float(r[int(lo * draws)]), float(r[min(int(hi * draws), draws - 1)])]
+
+
+def variance_relative_se(G: torch.Tensor) -> float:
+    """Relative standard error of the covariance trace: the spread of the replicates' squared deviations
+    d_i = |x_i - x_bar|^2 (sd(d) / (mean(d) sqrt(R))). Gaussian replicates keep it at sqrt(2 / R) (one dimension)
+    or below (sqrt(2 / (R P)) for P independent ones); a few replicates holding most of the variance push it up: the
+    variance, and any ratio of it, is then not known."""
+    R = G.shape[0]
+    row = G.sum(1)
+    d = G.diagonal() - 2 * row / R + row.sum() / R**2
+    return float(d.std() / (d.mean() * R**0.5)) if float(d.mean()) > 0 else float("inf")
+
+
+HEAVY_TAIL_SE = 0.5  # a variance trace with a relative standard error above this is flagged (heavy_tail)
 
 
 def check_bench_options(replicates: int, warmup_steps: int, device: str, ckpt: str | None) -> torch.device:
@@ -122,7 +183,9 @@ def _check_fits(ckpt: str, checkpoint: dict, module, config_path: str | None) ->
 
 def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32, warmup_steps: int = 200,
                    pilot_rounds: int = 20, diagnostic_rounds: int = 16, device: str = "cpu", progress: bool = True,
-                   config_path: str | None = None, overrides: list[str] = ()) -> dict:
+                   config_path: str | None = None, overrides: list[str] = (), keep_bytes: int = 4 << 30) -> dict:
+    """The table (module docstring). The intervals need each estimator's R replicate gradients on the host at once
+    (R x parameters x 4 bytes); above `keep_bytes` they are left out (null in the JSON, said in `intervals`)."""
     from distill.evaluate import resolve_device
 
     dev = resolve_device(device)
@@ -166,7 +229,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
     k_auto = optimal_k(sigma_b2, sigma_w2, c_u, c_i, k_max=cfg.estimator.k_max)
 
     p = dmd_timestep_p(module.teacher.T, cfg.estimator.t_min, cfg.estimator.t_max)
-    rows, moments = [], {}
+    rows, moments, grams = [], {}, {}
     iterator = ESTIMATORS
     for name, K, proposal, stratify in iterator:
         K = k_auto if K == "auto" else K
@@ -187,7 +250,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
                 sampler.record(t, g.pow(2).flatten(2).sum(-1))
                 sampler.update()  # the first update (warmup=1) builds q from the pilot records; later ones fold in
             sampler.freeze()
-        m = _Moments()
+        m = _Moments(keep_bytes)
         seconds, book = 0.0, 0.0
         bar = None
         if progress:
@@ -220,44 +283,92 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
                 bar.update()
         if bar is not None:
             bar.close()
-        moments[name] = m
+        moments[name], grams[name] = m, m.replicate_gram()
+        m.kept = None
         rows.append({"name": name, "K": K, "proposal": proposal, "stratify": stratify,
                      "var_trace": float(m.var.sum()), "flops": N * (c_u + K * c_i), "seconds": seconds / replicates,
                      "bookkeeping_fraction": book / seconds})
-    base = moments["baseline"]
+    base, G_base = moments["baseline"], grams["baseline"]
     base_row = rows[0]
+    # reuse over (t, eps) cannot remove sigma_b2: no K, proposal or stratification cuts the variance past this
+    ceiling = (sigma_b2 + sigma_w2) / sigma_b2 if sigma_b2 > 0 else None
+    base_se = variance_relative_se(G_base) if G_base is not None else None
     for row in rows:
-        m = moments[row["name"]]
+        m, G = moments[row["name"]], grams[row["name"]]
         diff = m.mean - base.mean
         row["mean_dist"] = float(diff.norm())
         row["mean_se"] = float(((m.var + base.var) / replicates).sum().sqrt()) if row["name"] != "baseline" else 0.0
         row["var_reduction"] = base_row["var_trace"] / row["var_trace"]
+        row["ceiling_fraction"] = row["var_reduction"] / ceiling if ceiling else None
         row["ecm"] = ecm(base_row["var_trace"], base_row["flops"], row["var_trace"], row["flops"])
         row["ecm_oracle"] = ecm_oracle(sigma_b2, sigma_w2, c_u, c_i)
-    return {"state": state, "config": config_path, "overrides": list(overrides), "N": N, "replicates": replicates, "student_steps": S, "sigma_b2": sigma_b2,
-            "sigma_w2": sigma_w2, "cost_upstream_flops": c_u, "cost_inner_flops": c_i,
+        if G is None or G_base is None:
+            row["var_cut_ci"] = row["ecm_ci"] = row["var_rel_se"] = None
+            row["heavy_tail"] = None
+            continue
+        cut = variance_ratio_ci(G_base, G)
+        row["var_cut_ci"] = cut
+        row["ecm_ci"] = [c * base_row["flops"] / row["flops"] for c in cut]  # FLOPs are exact: only Var varies
+        row["var_rel_se"] = variance_relative_se(G)
+        row["heavy_tail"] = max(row["var_rel_se"], base_se) > HEAVY_TAIL_SE
+    kept = all(G is not None for G in grams.values())
+    return {"state": state, "commit": source_version(), "config": config_path, "overrides": list(overrides), "N": N,
+            "replicates": replicates, "student_steps": S, "sigma_b2": sigma_b2, "sigma_w2": sigma_w2,
+            "var_cut_ceiling": ceiling, "cost_upstream_flops": c_u, "cost_inner_flops": c_i,
             "cost_upstream_seconds": costs["upstream_seconds"], "cost_inner_seconds": costs["inner_seconds"],
-            "k_auto": k_auto, "rows": rows}
+            "k_auto": k_auto, "rows": rows,
+            "intervals": ("95% percentile bootstrap over replicates (pairs resampled), 4000 draws" if kept else
+                          f"left out: R x parameters x 4 bytes exceeds {keep_bytes / 2**30:.1f} GiB")}
+
+
+def source_version() -> str:
+    """The code that measured: the git commit of distill's checkout ("+dirty" with local changes), or the installed
+    package's version outside a checkout."""
+    import subprocess
+    from importlib.metadata import version
+
+    here = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return f"distill {version('distill')}"
 
 
 def format_table(result: dict) -> str:
     steps = result.get("student_steps", 1)
+    ceiling = result.get("var_cut_ceiling")
     head = (f"state: {result['state']}\n" + (f"{steps}-step student (one step k per replicate, backward simulation); "
                                              if steps > 1 else "") +
             f"N = {result['N']} generator samples, R = {result['replicates']} replicates; "
             f"sigma_b2 = {result['sigma_b2']:.4g}, sigma_w2 = {result['sigma_w2']:.4g}, "
             f"c_u = {result['cost_upstream_flops']:.4g} FLOPs, c_i = {result['cost_inner_flops']:.4g} FLOPs "
-            f"(c_u/c_i = {result['cost_upstream_flops'] / result['cost_inner_flops']:.2f}), auto K = {result['k_auto']}")
-    cols = ("name", "K", "proposal", "stratify", "var_trace", "var_reduction", "mean_dist", "mean_se", "flops",
-            "seconds", "ecm", "ecm_oracle", "bookkeeping_fraction")
+            f"(c_u/c_i = {result['cost_upstream_flops'] / result['cost_inner_flops']:.2f}), auto K = {result['k_auto']}"
+            f"\nvariance-cut ceiling (sigma_b2 + sigma_w2) / sigma_b2 = "
+            + (f"{ceiling:.3g}" if ceiling else "none (sigma_b2 = 0)") + f"; [intervals: {result.get('intervals')}]")
+
+    def interval(v, ci) -> str:
+        return f"{v:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+
+    cols = ("name", "K", "proposal", "stratify", "var_trace", "var cut [95%]", "of ceiling", "mean_dist", "mean_se",
+            "flops", "seconds", "ECM [95%]", "ecm_oracle", "bookkeeping", "heavy tail")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in result["rows"]:
-        cells = []
-        for c in cols:
-            v = row[c]
-            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        frac = row.get("ceiling_fraction")
+        cells = [row["name"], str(row["K"]), row["proposal"], row["stratify"], f"{row['var_trace']:.4g}",
+                 interval(row["var_reduction"], row.get("var_cut_ci")), f"{frac:.0%}" if frac is not None else "",
+                 f"{row['mean_dist']:.4g}", f"{row['mean_se']:.4g}", f"{row['flops']:.4g}", f"{row['seconds']:.4g}",
+                 interval(row["ecm"], row.get("ecm_ci")), f"{row['ecm_oracle']:.4g}",
+                 f"{row['bookkeeping_fraction']:.2%}",
+                 {True: "YES: ratios not reliable", False: "no", None: "?"}[row.get("heavy_tail")]]
         lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n\n" + "\n".join(lines)
+    note = ("\n\nheavy tail: a variance trace (this row's or the baseline's) with a relative standard error above "
+            f"{HEAVY_TAIL_SE:.0%}: a few replicates hold most of it, so its ratios mean little"
+            if any(row.get("heavy_tail") for row in result["rows"]) else "")
+    return head + "\n\n" + "\n".join(lines) + note
 
 
 def unbiased(result: dict, n_se: float = 3.0) -> bool:

@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "estimate the generator's parameter gradient R times with each estimator (baseline, K=4, K=16, "
                     "K=16+adaptive, K=16+adaptive+stratified, auto) and report the trace of its covariance, the "
                     "distance of its mean from the baseline's (with its standard error), FLOPs, seconds, ECM "
-                    "against the baseline at equal compute, and the oracle ECM.",
+                    "against the baseline at equal compute, and the oracle ECM; each variance cut and ECM with its "
+                    "95% bootstrap interval over the replicates, the ceiling (sigma_b2 + sigma_w2) / sigma_b2 that no "
+                    "estimator of the family passes and each one's fraction of it, and a heavy-tail flag where a "
+                    "few replicates hold most of a variance. A multi-step student (generator.timesteps) is measured "
+                    "at the step training draws, by backward simulation.",
         epilog=_config_help("FitConfig"))
     bv.add_argument("--config", metavar="FILE", help="YAML config of the run (configs/digits.yaml, configs/gmm.yaml)")
     bv.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")

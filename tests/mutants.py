@@ -205,6 +205,18 @@ MUTANTS: tuple[Mutant, ...] = (
            'loss_f = loss_f + self.cfg.gan.weight_discriminator * metrics["loss/gan_discriminator"]',
            'loss_f = loss_f + 0.0 * metrics["loss/gan_discriminator"]',
            ("tests/test_multistep.py::test_gan_and_multistep_resume_bit_identical_and_log_their_metrics",)),
+    # --- benchmark figures (README "Benchmark: gradient variance against compute", "Speed and memory")
+    Mutant("elapsed-not-resumed", "time/elapsed_seconds is the training wall time since step 0, across resumes",
+           "distill/callbacks/monitors.py", 'self.elapsed = float(state.get("elapsed", 0.0))', "pass",
+           ("tests/test_runs.py::test_a_finished_run_rerun_touches_nothing_and_more_steps_continue",)),
+    Mutant("bench-whole-chain", "the bench measures a multi-step student at the step training draws",
+           "distill/bench.py", "return module.generator(z, cond, noise=module._renoise_draws(N, k, gen), until=k)",
+           "return module.generator(z, cond, generator=gen)",
+           ("tests/test_bench.py::test_a_multi_step_student_is_benched_at_the_step_training_draws",)),
+    Mutant("interval-unpaired", "variance-cut intervals resample the replicates in pairs", "distill/bench.py",
+           "ratios.append(trace_of_resamples(G_base, idx) / trace_of_resamples(G, idx))",
+           "ratios.append(trace_of_resamples(G_base, idx) / trace_of_resamples(G, idx.roll(1, 0)))",
+           ("tests/test_bench_intervals.py::test_a_scaled_copy_has_a_degenerate_interval_at_the_exact_ratio",)),
 )
 
 

@@ -36,6 +36,14 @@ def test_bench_variance_writes_one_row_per_estimator(tmp_path):
     for row in result["rows"][1:]:
         assert row["mean_dist"] <= 4 * row["mean_se"], row["name"]
     assert "| baseline |" in r.stdout and "unbiased" in r.stdout
+    # no estimator of the family cuts the variance past (sigma_b2 + sigma_w2) / sigma_b2; each row says its fraction
+    ceiling = (result["sigma_b2"] + result["sigma_w2"]) / result["sigma_b2"]
+    assert result["var_cut_ceiling"] == pytest.approx(ceiling)
+    for row in result["rows"]:
+        assert row["ceiling_fraction"] == pytest.approx(row["var_reduction"] / ceiling)
+        lo, hi = row["var_cut_ci"]
+        assert lo <= row["var_reduction"] <= hi and isinstance(row["heavy_tail"], bool), row["name"]
+    assert "variance-cut ceiling" in r.stdout
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -92,7 +100,7 @@ def test_device_cuda_without_a_gpu_is_refused(gmm_ckpt, capsys):
 def test_a_multi_step_student_is_benched_at_the_step_training_draws(monkeypatch):
     """Four steps: every gradient the bench estimates is at one student step k's x0 by backward simulation (never
     the whole chain under grad), k varies over replicates, and the result says how many steps."""
-    from distill.bench import bench_variance
+    from distill.bench import bench_variance, format_table
     from distill.config import FitConfig, load_config
     from distill.teachers import Generator
 
@@ -106,10 +114,34 @@ def test_a_multi_step_student_is_benched_at_the_step_training_draws(monkeypatch)
     monkeypatch.setattr(Generator, "forward", spy)
     overrides = ["generator.timesteps=[999,749,499,249]", "data.batch_size=32"]
     cfg = load_config(FitConfig, "configs/gmm.yaml", overrides)
-    result = bench_variance(cfg, replicates=8, warmup_steps=20, pilot_rounds=2, diagnostic_rounds=2, progress=False,
+    result = bench_variance(cfg, replicates=8, warmup_steps=20, pilot_rounds=2, diagnostic_rounds=8, progress=False,
                             config_path="configs/gmm.yaml", overrides=overrides)
     assert result["student_steps"] == 4
     benched = [u for u, grad in seen if grad]  # the gradients' samples (the sampling for grids runs without grad)
     assert benched and all(u is not None and 0 <= u < 4 for u in benched), set(benched)
     assert len(set(benched)) > 1  # k drawn per replicate, not fixed
     assert result["rows"][0]["var_trace"] > 0
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert result["commit"].removesuffix("+dirty") == head  # the code that measured, recorded
+    # the ceiling, and every ratio with its interval (the baseline against itself: exactly 1)
+    assert result["sigma_b2"] == 0 and result["var_cut_ceiling"] is None  # here (the CLI test checks a real one)
+    base = result["rows"][0]
+    assert base["var_cut_ci"] == [1.0, 1.0] and base["ceiling_fraction"] is None
+    for row in result["rows"]:
+        lo, hi = row["var_cut_ci"]
+        assert lo <= hi and isinstance(row["heavy_tail"], bool), row["name"]
+        assert row["ecm_ci"] == pytest.approx([lo * base["flops"] / row["flops"], hi * base["flops"] / row["flops"]])
+    assert "var cut [95%]" in format_table(result)
+
+
+def test_replicates_too_large_for_the_memory_bound_leave_the_intervals_out():
+    from distill.bench import bench_variance, format_table
+    from distill.config import FitConfig, load_config
+
+    cfg = load_config(FitConfig, "configs/gmm.yaml", ["data.batch_size=32"])
+    result = bench_variance(cfg, replicates=4, warmup_steps=20, pilot_rounds=2, diagnostic_rounds=2, progress=False,
+                            config_path="configs/gmm.yaml", overrides=["data.batch_size=32"], keep_bytes=0)
+    assert all(row["var_cut_ci"] is None and row["heavy_tail"] is None for row in result["rows"])
+    assert result["intervals"].startswith("left out") and "left out" in format_table(result)

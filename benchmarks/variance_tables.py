@@ -1,0 +1,53 @@
+"""The README's variance tables, rendered from benchmarks/results/variance-*.json (what benchmarks/variance.sh wrote),
+so that the README carries exactly what the JSON holds, with the commit that measured it.
+
+    python benchmarks/variance_tables.py [JSON ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = ["variance-digits.json", "variance-digits-four.json", "variance-gmm.json"]
+
+
+def _interval(v: float, ci: list[float] | None, unit: str = "") -> str:
+    return f"{v:.3g}{unit}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+
+
+def render(result: dict) -> str:
+    ceiling = result.get("var_cut_ceiling")
+    steps = result.get("student_steps", 1)
+    title = result["config"] + (" " + " ".join(result["overrides"]) if result.get("overrides") else "")
+    head = (f"**{title}** (commit {result.get('commit', '?')})\n\n"
+            f"{result['state']}; {steps} student step{'s' if steps > 1 else ''}; N = {result['N']}, "
+            f"R = {result['replicates']} replicates; σ_b² = {result['sigma_b2']:.3g}, σ_w² = {result['sigma_w2']:.3g}; "
+            f"ceiling (σ_b² + σ_w²)/σ_b² = {f'{ceiling:.3g}×' if ceiling else 'none (σ_b² = 0)'}; "
+            f"c_u/c_i = {result['cost_upstream_flops'] / result['cost_inner_flops']:.2f} (FLOPs); "
+            f"auto K = {result['k_auto']}")
+    lines = ["| estimator | K | variance cut [95%] | of ceiling | mean_dist / mean_se | s / estimate | ECM [95%] | "
+             "ECM oracle | heavy tail |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        frac = r.get("ceiling_fraction")
+        lines.append(
+            f"| {r['name']} | {r['K']} | {_interval(r['var_reduction'], r.get('var_cut_ci'), '×')} | "
+            f"{f'{frac:.0%}' if frac is not None else '—'} | "
+            + ("—" if r["name"] == "baseline" else f"{r['mean_dist']:.3g} / {r['mean_se']:.3g}")
+            + f" | {r['seconds']:.3g} | {_interval(r['ecm'], r.get('ecm_ci'))} | {r['ecm_oracle']:.3g} | "
+            f"{'**yes**' if r.get('heavy_tail') else 'no'} |")
+    return head + "\n\n" + "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", nargs="*", help="result files [benchmarks/results/variance-{digits,digits-four,gmm}.json]")
+    args = ap.parse_args()
+    paths = args.json or [REPO / "benchmarks" / "results" / name for name in DEFAULT]
+    print("\n\n".join(render(json.loads(Path(p).read_text())) for p in paths if Path(p).is_file()))
+
+
+if __name__ == "__main__":
+    main()
