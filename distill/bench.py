@@ -322,8 +322,8 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
 
 
 def source_version() -> str:
-    """The code that measured: the git commit of distill's checkout ("+dirty" with local changes), or the installed
-    package's version outside a checkout."""
+    """The code that measured: the git commit of distill's checkout ("+dirty" with local changes to the package
+    itself; result files written beside it do not count), or the installed package's version outside a checkout."""
     import subprocess
     from importlib.metadata import version
 
@@ -331,7 +331,7 @@ def source_version() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "distill"], cwd=here,
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
