@@ -121,6 +121,12 @@ def variance_relative_se(G: torch.Tensor) -> float:
 HEAVY_TAIL_SE = 0.5  # a variance trace with a relative standard error above this is flagged (heavy_tail)
 
 
+def variance_cut_ceiling(sigma_b2: float, sigma_w2: float) -> float | None:
+    """(σ_b² + σ_w²) / σ_b²: reuse over (t, eps) cannot remove σ_b², so no K, proposal or stratification cuts the
+    variance of the one-draw baseline past this; None when the split-half σ_b² is 0 (no bound measured)."""
+    return (sigma_b2 + sigma_w2) / sigma_b2 if sigma_b2 > 0 else None
+
+
 def check_bench_options(replicates: int, warmup_steps: int, device: str, ckpt: str | None) -> torch.device:
     """The options of `distill bench variance`, checked before anything runs (a warm-up run included, whose
     own errors would name trainer.max_steps, a key the user never set); returns the device."""
@@ -290,8 +296,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
                      "bookkeeping_fraction": book / seconds})
     base, G_base = moments["baseline"], grams["baseline"]
     base_row = rows[0]
-    # reuse over (t, eps) cannot remove sigma_b2: no K, proposal or stratification cuts the variance past this
-    ceiling = (sigma_b2 + sigma_w2) / sigma_b2 if sigma_b2 > 0 else None
+    ceiling = variance_cut_ceiling(sigma_b2, sigma_w2)
     base_se = variance_relative_se(G_base) if G_base is not None else None
     for row in rows:
         m, G = moments[row["name"]], grams[row["name"]]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distill.bench import (HEAVY_TAIL_SE, _Moments, trace_of_resamples, variance_ratio_ci,
+from distill.bench import (HEAVY_TAIL_SE, _Moments, trace_of_resamples, variance_cut_ceiling, variance_ratio_ci,
                            variance_relative_se)
 
 
@@ -63,3 +63,9 @@ def test_heavy_tails_are_flagged_and_gaussian_replicates_are_not():
     assert light < (2 / 32) ** 0.5 < HEAVY_TAIL_SE  # a Gaussian's bound, reached in one dimension
     X[3] *= 30  # one replicate holds most of the variance
     assert variance_relative_se(_moments(X).replicate_gram()) > HEAVY_TAIL_SE
+
+
+def test_the_ceiling_is_the_cut_an_infinite_k_reaches():
+    # Var(K) = sigma_b2 + sigma_w2 / K: the cut against K = 1 tends to (sigma_b2 + sigma_w2) / sigma_b2
+    assert variance_cut_ceiling(1.5, 4.5) == pytest.approx(4.0)
+    assert variance_cut_ceiling(0.0, 4.5) is None  # no sigma_b2 measured: no bound to state
