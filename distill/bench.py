@@ -7,7 +7,10 @@ compute (FLOPs: N (c_u + K c_i)) and wall time, and the effective compute multip
 ECM = (Var . Cost)_baseline / (Var . Cost)_method (docs/method.md §5). The oracle limit of the reuse family,
 (σ_b² + σ_w²)(c_u + c_i) / (σ_b sqrt(c_u) + σ_w sqrt(c_i))², comes from the split-half estimates of σ_b², σ_w².
 Reuse over (t, eps) cannot remove σ_b²: no estimator of the family cuts the variance past the ceiling
-(σ_b² + σ_w²) / σ_b², printed with each estimator's fraction of it. Every variance cut and ECM carries a 95% interval,
+(σ_b² + σ_w²) / σ_b², printed with each estimator's fraction of it (for a multi-step student σ_b² there includes
+N·V_k, the spread of the mean gradient over the student steps, which every sample of a replicate shares).
+The `auto` row's K is the one training would choose at this state: the training diagnostic run with that row's
+sampler (adaptive, stratified), its within-sample variance measured as drawn, then `KController.target`. Every variance cut and ECM carries a 95% interval,
 a bootstrap over the replicates resampled in pairs (computed from each estimator's Gram matrix of replicate
 gradients), and a row whose variance (or the baseline's) has a relative standard error above 50% is flagged
 `heavy_tail`: a few replicates hold most of it and its ratios mean little.
@@ -28,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from distill.carv import TimestepSampler, dmd_timestep_p, ecm, ecm_oracle, optimal_k
+from distill.carv import TimestepSampler, dmd_timestep_p, ecm, ecm_oracle
+from distill.carv.controller import KController
 from distill.carv.controller import weighted_mean
 from distill.config import FitConfig
 from distill.errors import DistillError
@@ -222,23 +226,32 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
     costs = module.measure_costs(N, outer(0)[1])
     c_u, c_i = costs["upstream_flops"], costs["inner_flops"]
 
-    # σ_b², σ_w² at this state (uniform proposal, iid draws): the split-half estimate, averaged over rounds
-    sb, sw = [], []
-    for r in range(diagnostic_rounds):
-        module.step = 1_000_000 + r  # the diagnostic's own noise stream
-        z, cond = outer(50_000 + r)
-        x = student(z, cond, torch.Generator(device=dev).manual_seed(50_000 + r))
-        out = module._split_half_diagnostic(x, cond)
-        sb.append(out["carv/sigma_b2_raw"])
-        sw.append(out["carv/sigma_w2_raw"])
-    sigma_b2, sigma_w2 = max(sum(sb) / len(sb), 0.0), max(sum(sw) / len(sw), 0.0)
-    k_auto = optimal_k(sigma_b2, sigma_w2, c_u, c_i, k_max=cfg.estimator.k_max)
+    def diagnose(seed: int) -> dict[str, float]:
+        """The training diagnostic (`DMDModule._split_half_diagnostic`) at this state with module.sampler, averaged
+        over `diagnostic_rounds` rounds of fresh z: raw σ_b², σ_w², and σ_w,strat² (a stratifying sampler) and
+        the across-step term (a multi-step student) where measured."""
+        sums: dict[str, list[float]] = {}
+        for r in range(diagnostic_rounds):
+            module.step = 1_000_000 + seed + r  # the diagnostic's own noise stream
+            z, cond = outer(seed + r)
+            x = student(z, cond, torch.Generator(device=dev).manual_seed(seed + r))
+            out = module._split_half_diagnostic(x, cond, lambda gen: student(z, cond, gen))
+            for key, value in out.items():
+                if key.endswith("_raw"):
+                    sums.setdefault(key.removeprefix("carv/").removesuffix("_raw"), []).append(value)
+        return {key: sum(v) / len(v) for key, v in sums.items()}
+
+    # σ_b², σ_w² at this state (uniform proposal, iid draws): the split-half estimate, averaged over rounds; with a
+    # multi-step student the spread over its steps, N·V_k, which reuse cannot remove either
+    split = diagnose(50_000)
+    sigma_b2, sigma_w2 = max(split["sigma_b2"], 0.0), max(split["sigma_w2"], 0.0)
+    sigma_b2_steps = max(split["sigma_b2_steps"], 0.0) if "sigma_b2_steps" in split else None
+    k_auto, auto_model = None, None
 
     p = dmd_timestep_p(module.teacher.T, cfg.estimator.t_min, cfg.estimator.t_max)
     rows, moments, grams = [], {}, {}
     iterator = ESTIMATORS
     for name, K, proposal, stratify in iterator:
-        K = k_auto if K == "auto" else K
         e = cfg.estimator
         sampler = TimestepSampler(p, proposal=proposal, stratify=stratify, bins=e.adaptive_bins, ema=e.adaptive_ema,
                                   smoothing=e.adaptive_smoothing, floor=e.adaptive_floor, mix=e.adaptive_mix,
@@ -256,6 +269,14 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
                 sampler.record(t, g.pow(2).flatten(2).sum(-1))
                 sampler.update()  # the first update (warmup=1) builds q from the pilot records; later ones fold in
             sampler.freeze()
+        if K == "auto":  # as training chooses it: the diagnostic with this sampler, then KController's target
+            diag = diagnose(70_000)
+            control = KController(1, True, cfg.estimator.k_max, strat_K=module.strat_K())
+            control.observe(diag["sigma_b2"], diag["sigma_w2"], diag.get("sigma_w2_strat"),
+                            diag.get("sigma_b2_steps"))
+            K = k_auto = control.target(N, c_u, c_i)
+            auto_model = {**diag, "strat_K": control.strat_K, "model": dict(zip(("sigma_b2", "a", "b"),
+                                                                                 control.model()))}
         m = _Moments(keep_bytes)
         seconds, book = 0.0, 0.0
         bar = None
@@ -296,7 +317,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
                      "bookkeeping_fraction": book / seconds})
     base, G_base = moments["baseline"], grams["baseline"]
     base_row = rows[0]
-    ceiling = variance_cut_ceiling(sigma_b2, sigma_w2)
+    ceiling = variance_cut_ceiling(sigma_b2 + (sigma_b2_steps or 0.0), sigma_w2)
     base_se = variance_relative_se(G_base) if G_base is not None else None
     for row in rows:
         m, G = moments[row["name"]], grams[row["name"]]
@@ -306,7 +327,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
         row["var_reduction"] = base_row["var_trace"] / row["var_trace"]
         row["ceiling_fraction"] = row["var_reduction"] / ceiling if ceiling else None
         row["ecm"] = ecm(base_row["var_trace"], base_row["flops"], row["var_trace"], row["flops"])
-        row["ecm_oracle"] = ecm_oracle(sigma_b2, sigma_w2, c_u, c_i)
+        row["ecm_oracle"] = ecm_oracle(sigma_b2 + (sigma_b2_steps or 0.0), sigma_w2, c_u, c_i)
         if G is None or G_base is None:
             row["var_cut_ci"] = row["ecm_ci"] = row["var_rel_se"] = None
             row["heavy_tail"] = None
@@ -321,7 +342,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
             "replicates": replicates, "student_steps": S, "sigma_b2": sigma_b2, "sigma_w2": sigma_w2,
             "var_cut_ceiling": ceiling, "cost_upstream_flops": c_u, "cost_inner_flops": c_i,
             "cost_upstream_seconds": costs["upstream_seconds"], "cost_inner_seconds": costs["inner_seconds"],
-            "k_auto": k_auto, "rows": rows,
+            "sigma_b2_steps": sigma_b2_steps, "k_auto": k_auto, "auto_diagnostic": auto_model, "rows": rows,
             "intervals": ("95% percentile bootstrap over replicates (pairs resampled), 4000 draws" if kept else
                           f"left out: R x parameters x 4 bytes exceeds {keep_bytes / 2**30:.1f} GiB")}
 
@@ -350,6 +371,8 @@ def format_table(result: dict) -> str:
                                              if steps > 1 else "") +
             f"N = {result['N']} generator samples, R = {result['replicates']} replicates; "
             f"sigma_b2 = {result['sigma_b2']:.4g}, sigma_w2 = {result['sigma_w2']:.4g}, "
+            + (f"across the student steps N V_k = {result['sigma_b2_steps']:.4g}, "
+               if result.get("sigma_b2_steps") is not None else "") +
             f"c_u = {result['cost_upstream_flops']:.4g} FLOPs, c_i = {result['cost_inner_flops']:.4g} FLOPs "
             f"(c_u/c_i = {result['cost_upstream_flops'] / result['cost_inner_flops']:.2f}), auto K = {result['k_auto']}"
             f"\nvariance-cut ceiling (sigma_b2 + sigma_w2) / sigma_b2 = "

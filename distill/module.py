@@ -14,7 +14,8 @@ uses what was measured before the draws it will weight.
 from __future__ import annotations
 
 import copy
-from typing import Any
+import math
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
@@ -22,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from distill.carv import TimestepSampler, anova, dmd_timestep_p, ecm, ecm_oracle, k_star
+from distill.carv.accounting import within_variance
 from distill.carv.controller import KController, weighted_mean
-from distill.carv.diagnostics import measure_costs, split_half_estimate
+from distill.carv.diagnostics import measure_costs, split_half_estimate, stratified_within_estimate
 from distill.conditions import Condition, as_condition
 from distill.config import FitConfig
 from distill.distributed import all_mean, is_distributed
@@ -123,7 +125,8 @@ class DMDModule(L.LightningModule):
             dmd_timestep_p(self.teacher.T, e.t_min, e.t_max), proposal=e.proposal, stratify=e.stratify,
             bins=e.adaptive_bins, ema=e.adaptive_ema, smoothing=e.adaptive_smoothing, floor=e.adaptive_floor,
             mix=e.adaptive_mix, warmup=e.adaptive_warmup, refresh_every=e.adaptive_refresh_every)
-        self.k_control = KController(1 if e.K == "auto" else e.K, e.K == "auto", e.k_max, e.max_draws, e.auto_ema)
+        self.k_control = KController(1 if e.K == "auto" else e.K, e.K == "auto", e.k_max, e.max_draws, e.auto_ema,
+                                     strat_K=self.strat_K())
         self.costs: dict[str, float] = {}  # c_u, c_i in FLOPs and seconds per sample / per draw
         self.g_steps = 0  # generator updates so far
         # updates skipped for a non-finite loss or gradient, kept on the device (no host sync in a step):
@@ -284,7 +287,8 @@ class DMDModule(L.LightningModule):
             # 4. DMD gradient and generator update: d loss / dx = g_bar / numel
             loss_g = dmd_loss(x, g_bar).mean()
             if self._diagnostic_due():
-                metrics.update(self._split_half_diagnostic(x, cond))  # exact parameter-space (σ_b², σ_w²)
+                metrics.update(self._split_half_diagnostic(  # exact parameter-space (σ_b², σ_w², ...)
+                    x, cond, lambda gen: self._at_other_step(z, cond, N, gen)))
             metrics["loss/generator_dm"] = loss_g.detach()
             if self.gan_head is not None:  # the generator's GAN loss softplus(-f(G(z))) through the fake score
                 loss_gan = gan_generator_loss(self._gan_logits(x, cond, salt=4)).mean()
@@ -478,26 +482,67 @@ class DMDModule(L.LightningModule):
         return split_half_estimate(x, params, lambda x_, t, eps: self._integrand(x_, cond, t, eps), dmd_loss,
                                    sampler, Kd, rng)
 
-    def _split_half_diagnostic(self, x: Tensor, cond: Condition | Tensor | None) -> dict[str, float]:
-        """The diagnostic step: split-half (σ_b², σ_w²) on its own noise, folded into the K controller."""
+    def strat_K(self) -> int:
+        """K_s, the draws per set of the stratified within-sample measurement: half the diagnostic's draws, at least
+        4 (at 2 the fit of v(K) = a/K + b/K³ would extrapolate from two strata)."""
+        return max(4, self.cfg.estimator.diagnostic_K // 2)
+
+    def _at_other_step(self, z: Tensor, cond: Condition | Tensor | None, N: int, gen: torch.Generator) -> Tensor:
+        """x0 of the same z at a student step k' drawn uniformly and independently (backward simulation, with grad):
+        the across-step measurement's second half."""
+        k = int(torch.randint(0, self.generator.steps, (1,), generator=gen, device=gen.device))
+        return self.generator(z, cond, noise=self._renoise_draws(N, k, gen), until=k)
+
+    def _split_half_diagnostic(self, x: Tensor, cond: Condition | Tensor | None,
+                               other_step: Callable[[torch.Generator], Tensor] | None = None) -> dict[str, float]:
+        """The diagnostic step, on its own noise, folded into the K controller (docs/method.md §5):
+        - the split-half (σ_b², σ_w²) from iid draws of the current q;
+        - with a stratifying sampler, σ_w,strat²(K_s) of the draws training makes (`stratified_within_estimate`);
+        - for a multi-step student (`other_step(gen)`: the same z at an independent student step k'), the split-half
+          σ_b² of the batch whose second half sits at k': X = σ_b² + N·V_k/2, V_k = tr Var_k(E[Ĝ | k]), the spread
+          of the mean gradient over the student steps. Every sample of a training step shares its k, so that spread
+          does not fall with N: it enters Var·Cost as N_global·V_k = 2·world·(X − σ_b²), beside σ_b²."""
         rng = self._step_generator(salt=1)
-        sigma_b2, sigma_w2 = self.split_half_estimate(x, cond, self.sampler, self.cfg.estimator.diagnostic_K, rng)
-        sigma_b2, sigma_w2 = all_mean([sigma_b2, sigma_w2])  # every rank folds the same figures: the same K
-        self.k_control.observe(sigma_b2, sigma_w2)
-        # raw: this diagnostic's unbiased estimates (σ̂_b² is a difference and can go negative from noise);
-        # sigma_b2 / sigma_w2: the EMA-smoothed figures K auto works from, clamped at 0
+        e = self.cfg.estimator
+        sigma_b2, sigma_w2 = self.split_half_estimate(x, cond, self.sampler, e.diagnostic_K, rng)
+        strat = steps = math.nan
+        if self.sampler.stratify != "none":
+            params = [p for p in self.generator.parameters() if p.requires_grad]
+            strat = stratified_within_estimate(x, params, lambda x_, t, eps: self._integrand(x_, cond, t, eps),
+                                               dmd_loss, self.sampler, self.strat_K(), rng)
+        if other_step is not None and self.generator.steps > 1:
+            half = x.shape[0] // 2
+            x_mix = torch.cat([x[:half], other_step(rng)[half:]])
+            steps = self.split_half_estimate(x_mix, cond, self.sampler, e.diagnostic_K, rng)[0]
+        world = self.trainer.world_size if self._trainer is not None else 1
+        sigma_b2, sigma_w2, strat, steps = all_mean([sigma_b2, sigma_w2, strat, steps])  # every rank: the same K
+        steps = 2 * world * (steps - sigma_b2)
+        self.k_control.observe(sigma_b2, sigma_w2, strat, steps)
+        # raw: this diagnostic's unbiased estimates (differences, which can go negative from noise);
+        # sigma_*: the EMA-smoothed figures K auto works from, clamped at 0
         out = {"carv/sigma_b2_raw": sigma_b2, "carv/sigma_w2_raw": sigma_w2}
-        if self.k_control.sigma_b2 is not None:
-            sb2, sw2 = max(self.k_control.sigma_b2, 0.0), max(self.k_control.sigma_w2, 0.0)
+        if math.isfinite(strat):
+            out["carv/sigma_w2_strat_raw"] = strat
+        if math.isfinite(steps):
+            out["carv/sigma_b2_steps_raw"] = steps
+        c = self.k_control
+        if c.sigma_b2 is not None:
+            sb2, sw2 = max(c.sigma_b2, 0.0), max(c.sigma_w2, 0.0)
             out["carv/sigma_b2"], out["carv/sigma_w2"] = sb2, sw2
+            if c.sigma_w2_strat is not None:
+                out["carv/sigma_w2_strat"] = max(c.sigma_w2_strat, 0.0)
+            if c.sigma_b2_steps is not None:
+                out["carv/sigma_b2_steps"] = max(c.sigma_b2_steps, 0.0)
             # no variance at all (a fake score that is still the teacher's exact copy, as at step 0 for a diffusers
             # teacher without guidance, gives g = 0): K* and the ECM are undefined, not figures to log
             if self.costs and sb2 + sw2 > 0:
                 c_u, c_i = self._cost_pair()
-                K = self.k_control.K
-                out["carv/k_star"] = min(max(k_star(sb2, sw2, c_u, c_i), 1.0), float(self.k_control.k_max))
-                # reuse at the current K against K = 1 (same proposal), per unit of compute (docs/method.md §5, ECM)
-                out["carv/ecm"] = ecm(sb2 + sw2, c_u + c_i, sb2 + sw2 / K, c_u + K * c_i)
+                K = c.K
+                sb_all, a, b = c.model()
+                out["carv/k_star"] = float(c.target(x.shape[0], c_u, c_i)) if c.auto else min(
+                    max(k_star(sb_all, sw2, c_u, c_i), 1.0), float(c.k_max))
+                # the current K against K = 1 (same proposal), per unit of compute (docs/method.md §5, ECM)
+                out["carv/ecm"] = ecm(sb_all + sw2, c_u + c_i, sb_all + within_variance(a, b, K), c_u + K * c_i)
                 out["carv/ecm_oracle"] = ecm_oracle(sb2, sw2, c_u, c_i)
         return out
 

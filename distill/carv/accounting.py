@@ -129,3 +129,43 @@ def ecm_oracle(sigma_b2: float, sigma_w2: float, c_u: float, c_i: float) -> floa
     c_u, c_i = _check_costs(c_u, c_i)
     vc_min = (math.sqrt(sigma_b2 * c_u) + math.sqrt(sigma_w2 * c_i)) ** 2  # (V·C)_min (docs/method.md §5)
     return (sigma_b2 + sigma_w2) * (c_u + c_i) / vc_min
+
+
+def within_model(sigma_w2: float, sigma_w2_strat: float | None, K_s: int | None) -> tuple[float, float]:
+    """(a, b) of the within-sample variance of the estimator in use, v(K) = a/K + b/K³ (docs/method.md §5,
+    "Stratified draws"): a is the part that falls like iid draws (the ε noise, the spread within a stratum that
+    does not shrink), b the part that stratification removes (a smooth integrand over 1-D strata of width 1/K
+    keeps a within-stratum variance ∝ 1/K², so its share of the mean of K falls like 1/K³).
+
+    Fitted through v(1) = σ_w² (one draw is one draw, stratified or not) and v(K_s) = σ_w,strat²(K_s)/K_s, the
+    measured per-draw-equivalent variance at K_s; clamped to a, b >= 0 (stratification neither adds variance nor
+    removes more than all of it). Without a stratified measurement (iid draws), b = 0: v(K) = σ_w²/K."""
+    sigma_w2 = max(float(sigma_w2), 0.0)
+    if sigma_w2_strat is None or K_s is None or K_s < 2 or not math.isfinite(sigma_w2_strat):
+        return sigma_w2, 0.0
+    # a + b = σ_w², a/K_s + b/K_s³ = σ_w,strat²/K_s  =>  a (K_s² − 1) = K_s² σ_w,strat² − σ_w²
+    a = (K_s**2 * float(sigma_w2_strat) - sigma_w2) / (K_s**2 - 1)
+    a = min(max(a, 0.0), sigma_w2)
+    return a, sigma_w2 - a
+
+
+def within_variance(a: float, b: float, K: int) -> float:
+    """v(K) = a/K + b/K³: the within-sample variance of one sample's K-draw mean (`within_model`)."""
+    return a / K + b / K**3
+
+
+def choose_k(sigma_b2: float, a: float, b: float, c_u: float, c_i: float, k_max: int) -> int:
+    """The integer K in [1, k_max] minimising (σ_b² + v(K))(c_u + K·c_i), v(K) = a/K + b/K³ (`within_model`);
+    ties go to the smaller K. With b = 0 this is `optimal_k` (iid draws: v(K) = σ_w²/K), which it calls."""
+    if not (isinstance(k_max, int) and k_max >= 1):
+        raise ValueError(f"k_max: expected an int >= 1, got {k_max!r}")
+    sigma_b2, a, b = max(float(sigma_b2), 0.0), max(float(a), 0.0), max(float(b), 0.0)
+    if b == 0:
+        return optimal_k(sigma_b2, a, c_u, c_i, k_max=k_max)
+    c_u, c_i = _check_costs(c_u, c_i)
+    best, best_vc = 1, math.inf
+    for K in range(1, min(k_max, K_CAP) + 1):  # not convex in general (two terms): search the integers
+        vc = (sigma_b2 + within_variance(a, b, K)) * (c_u + K * c_i)
+        if vc < best_vc * (1 - 1e-12):
+            best, best_vc = K, vc
+    return best

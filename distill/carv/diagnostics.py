@@ -42,6 +42,30 @@ def split_half_estimate(x: Tensor, params: list[Tensor], integrand: Integrand, s
     return float(sigma_b2), float(sigma_w2)
 
 
+def stratified_within_estimate(x: Tensor, params: list[Tensor], integrand: Integrand, surrogate: Surrogate,
+                               sampler: TimestepSampler, K_s: int, generator: torch.Generator) -> float:
+    """σ_w,strat²(K_s) = K_s · v(K_s): the within-sample variance of the estimator in use (the sampler's q and its
+    stratification) at K_s draws, in parameter space and per-draw units (equal to σ_w² when stratification does
+    nothing; docs/method.md §5, "Stratified draws"). Two independent K_s-draw sets A, B per sample, each drawn as
+    training draws them; the difference of their gradients over half i of the samples, D_i = G_iA − G_iB, holds
+    within-sample noise only: E‖D_i‖² = 4 v(K_s)/N, so v̂(K_s) = (N/4) · ½ Σ_i ‖D_i‖². One autograd.grad per
+    half (the surrogate's gradient is linear in its target); no state changes."""
+    N = x.shape[0]
+    stratify = "batch" if sampler.stratify == "global" else sampler.stratify  # one rank's view of global strata
+    draws = [sampler.sample(N, K_s, generator=generator, device=x.device, stratify=stratify) for _ in range(2)]
+    t = torch.cat([draws[0][0], draws[1][0]], 1)  # (N, 2 K_s): set A, then set B
+    w = torch.cat([draws[0][1], draws[1][1]], 1)
+    eps = torch.randn((N * 2 * K_s, *x.shape[1:]), generator=generator, device=x.device)
+    with torch.no_grad():
+        y = w.view(*w.shape, *([1] * (x.dim() - 1))) * integrand(x.detach(), t, eps)  # (N, 2 K_s, ...)
+        diff = y[:, :K_s].mean(1) - y[:, K_s:].mean(1)  # ḡ_nA − ḡ_nB
+    total = 0.0
+    for half in (slice(0, N // 2), slice(N // 2, N)):
+        D = torch.autograd.grad(surrogate(x[half], diff[half]).mean(), params, retain_graph=True, allow_unused=True)
+        total += float(sum((d.double() ** 2).sum() for d in D if d is not None))
+    return K_s * (N / 4) * 0.5 * total
+
+
 def measure_costs(upstream: Callable[[], object], inner: Callable[[], object], n_upstream: int, n_inner: int,
                   device: torch.device, repeats: int = 3) -> dict[str, float]:
     """c_u per sample and c_i per draw, as FLOPs (torch.utils.flop_counter: reproducible) and as wall time (the
