@@ -259,7 +259,8 @@ class EstimatorConfig:
     """How the DMD expectation over (t, eps) is estimated: CARV (docs/method.md §4–§7)."""
 
     K: Any = _f(1, "inner (t, eps) draws per generator sample, an integer >= 1, or auto (chosen from measured "
-                   "variance and cost); 1 with uniform/none is the DMD2 baseline")
+                   "variance and cost: the within-sample variance of the draws as stratified, a multi-step "
+                   "student's spread over its steps); 1 with uniform/none is the DMD2 baseline")
     proposal: str = _f("uniform", "timestep proposal q(t): uniform (q = p) | adaptive (learned, variance-optimal)")
     stratify: str = _f("none", "stratified inverse CDF: none (iid) | per_sample (K strata per sample) | batch "
                                "(N*K strata over the batch) | global (over the global batch in DDP)")
@@ -277,7 +278,8 @@ class EstimatorConfig:
                                          "refreshes")
     diagnostic_every: int = _f(0, "exact parameter-space split-half variance estimate every this many generator "
                                   "updates (one every optim.ttur steps); 0: off; K auto needs it and defaults to 50")
-    diagnostic_K: int = _f(4, "inner draws used by a diagnostic step (even, >= 2)")
+    diagnostic_K: int = _f(4, "inner draws used by a diagnostic step (even, >= 2); a stratifying "
+                                 "sampler adds two stratified sets of max(4, diagnostic_K / 2) draws")
     k_max: int = _f(32, "K auto: largest K")
     max_draws: int = _f(0, "K auto: most inner draws per device per step, a memory bound (0: none)")
     auto_every: int = _f(50, "K auto: generator updates (one every optim.ttur steps) between choices of K")

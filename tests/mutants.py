@@ -217,6 +217,17 @@ MUTANTS: tuple[Mutant, ...] = (
            "ratios.append(trace_of_resamples(G_base, idx) / trace_of_resamples(G, idx))",
            "ratios.append(trace_of_resamples(G_base, idx) / trace_of_resamples(G, idx.roll(1, 0)))",
            ("tests/test_bench_intervals.py::test_a_scaled_copy_has_a_degenerate_interval_at_the_exact_ratio",)),
+    Mutant("strata-not-measured", "K auto measures the within-sample variance of the draws training makes",
+           "distill/carv/diagnostics.py",
+           'stratify = "batch" if sampler.stratify == "global" else sampler.stratify', 'stratify = "none"',
+           ("tests/test_auto_k.py::test_the_stratified_within_estimate_is_unbiased_for_the_draws_in_use",)),
+    Mutant("steps-spread-halved", "K auto counts a multi-step student's spread over its steps",
+           "distill/module.py", "steps = 2 * world * (steps - sigma_b2)", "steps = world * (steps - sigma_b2)",
+           ("tests/test_auto_k.py::test_the_across_step_term_estimates_the_spread_of_the_mean_gradient_over_student_steps",)),
+    Mutant("strata-ignored-by-k", "K auto chooses K from the stratified within-sample variance",
+           "distill/carv/controller.py", "a, b = within_model(max(self.sigma_w2, 0.0), self.sigma_w2_strat, self.strat_K)",
+           "a, b = max(self.sigma_w2, 0.0), 0.0",
+           ("tests/test_auto_k.py::test_the_controller_counts_strata_and_the_spread_over_student_steps",)),
 )
 
 
