@@ -244,9 +244,20 @@ class FakeScoreConfig:
                                              "instead of storing them (less memory, more compute)")
     mlp_hidden: int = _f(128, "mlp: hidden width")
     mlp_depth: int = _f(3, "mlp: hidden layers")
+    K: int = _f(1, "CARV on the fake-score update: (t, noise) draws per generated sample in its denoising loss "
+                   "(1 with uniform/none: DMD2's one draw, t uniform over [0, T))")
+    proposal: str = _f("uniform", "the denoising loss's timestep proposal: uniform | adaptive (q ∝ p sqrt(E[loss² | t]) "
+                                  "from the estimator's adaptive_* settings, counted in fake-score updates; the "
+                                  "draws are weighted by p/q, so the objective is unchanged)")
+    stratify: str = _f("none", "the denoising loss's draws: none (iid) | per_sample (K strata of q's CDF per sample)")
 
     def __post_init__(self) -> None:
         _check(self.init in ("teacher", "mlp"), "fake_score.init", "one of teacher, mlp", self.init)
+        _check(self.K >= 1, "fake_score.K", "an integer >= 1", self.K)
+        _check(self.proposal in ("uniform", "adaptive"), "fake_score.proposal", "one of uniform, adaptive",
+               self.proposal)
+        _check(self.stratify in ("none", "per_sample"), "fake_score.stratify", "one of none, per_sample",
+               self.stratify)
         _check(self.lora_rank >= 0, "fake_score.lora_rank", "an integer >= 0", self.lora_rank)
         _check(_finite(self.lora_alpha) and self.lora_alpha > 0, "fake_score.lora_alpha", "a finite number > 0",
                self.lora_alpha)

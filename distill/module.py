@@ -125,6 +125,12 @@ class DMDModule(L.LightningModule):
             dmd_timestep_p(self.teacher.T, e.t_min, e.t_max), proposal=e.proposal, stratify=e.stratify,
             bins=e.adaptive_bins, ema=e.adaptive_ema, smoothing=e.adaptive_smoothing, floor=e.adaptive_floor,
             mix=e.adaptive_mix, warmup=e.adaptive_warmup, refresh_every=e.adaptive_refresh_every)
+        f = cfg.fake_score  # the fake score's own proposal over all T indices (p uniform, as DMD2 draws them)
+        self.fake_sampler = None if (f.K == 1 and f.proposal == "uniform" and f.stratify == "none") else \
+            TimestepSampler(torch.full((self.teacher.T,), 1.0 / self.teacher.T, dtype=torch.float64),
+                            proposal=f.proposal, stratify=f.stratify, bins=e.adaptive_bins, ema=e.adaptive_ema,
+                            smoothing=e.adaptive_smoothing, floor=e.adaptive_floor, mix=e.adaptive_mix,
+                            warmup=e.adaptive_warmup, refresh_every=e.adaptive_refresh_every)
         self.k_control = KController(1 if e.K == "auto" else e.K, e.K == "auto", e.k_max, e.max_draws, e.auto_ema,
                                      strat_K=self.strat_K())
         self.costs: dict[str, float] = {}  # c_u, c_i in FLOPs and seconds per sample / per draw
@@ -301,17 +307,27 @@ class DMDModule(L.LightningModule):
             metrics.update(self._bookkeeping(t, w, g, N, stepped))
 
         # 5. fake-score update: the teacher's denoising loss on G's (detached) samples, t over the full range
+        #    (DMD2: one t per sample; with fake_score.K / proposal / stratify, CARV's estimate of the same loss)
         x0 = x.detach()
-        t_f = torch.randint(0, self.teacher.T, (N,), generator=rng, device=self.device)
-        x_t = self.teacher.schedule.add_noise(x0, torch.randn(x0.shape, generator=rng, device=self.device), t_f)
-        x0_hat = self.fake_score(x_t, t_f, cond)  # never guided (DMD2)
-        loss_f = denoising_loss(x0_hat, x0, self.fake_score.loss_weight(t_f, x0)).mean()
+        if self.fake_sampler is None:
+            t_f = torch.randint(0, self.teacher.T, (N,), generator=rng, device=self.device)
+            x_t = self.teacher.schedule.add_noise(x0, torch.randn(x0.shape, generator=rng, device=self.device), t_f)
+            x0_hat = self.fake_score(x_t, t_f, cond)  # never guided (DMD2)
+            loss_f = denoising_loss(x0_hat, x0, self.fake_score.loss_weight(t_f, x0)).mean()
+            fake_draws = None
+        else:
+            loss_f, fake_draws = self._fake_score_loss(x0, cond, rng)
         metrics["loss/fake_score"] = loss_f.detach()
         if self.gan_head is not None:  # the discriminator: softplus(f(fake)) + softplus(-f(real)), same optimiser
             metrics.update(self._discriminator_loss(x0, cond, N))
             loss_f = loss_f + self.cfg.gan.weight_discriminator * metrics["loss/gan_discriminator"]
         metrics["grad_norm/fake_score"], stepped_f = self._update(opt_f, loss_f, self.discriminator_params())
         taken.append(stepped_f)
+        if fake_draws is not None:  # the fake proposal's statistics (a skipped update feeds none)
+            self.fake_sampler.record(*fake_draws, stepped_f)
+            if is_distributed():
+                self.fake_sampler.reduce_pending(torch.distributed.all_reduce)
+            self.fake_sampler.update()
         self._count_nonfinite(taken)
 
         self.step += 1
@@ -321,6 +337,24 @@ class DMDModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------------------
     # Multi-step students and the GAN term.
+
+    def _fake_score_loss(self, x0: Tensor, cond: Condition | Tensor | None,
+                         rng: torch.Generator) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """CARV on the fake-score update (docs/method.md §9, "The fake score's loss"): K = fake_score.K draws of
+        (t, noise) per generated sample, t from the fake proposal q (stratified per sample when asked), each
+        draw's denoising loss weighted by p(t)/q(t): an unbiased estimate of DMD2's loss E_{t ~ U[0, T)}. Returns
+        the loss and (t, loss²) per draw (N, K), the statistics of an adaptive q (q ∝ p sqrt(E[loss² | t]))."""
+        N, K = x0.shape[0], self.cfg.fake_score.K
+        t, w = self.fake_sampler.sample(N, K, generator=rng, device=self.device)  # (N, K)
+        x0_rep = x0.repeat_interleave(K, dim=0)  # sample n's draws are rows n*K .. n*K+K-1
+        cond_rep = as_condition(cond).repeat_interleave(K) if cond is not None else None
+        t_flat = t.flatten()
+        x_t = self.teacher.schedule.add_noise(
+            x0_rep, torch.randn(x0_rep.shape, generator=rng, device=self.device), t_flat)
+        per = denoising_loss(self.fake_score(x_t, t_flat, cond_rep), x0_rep,
+                             self.fake_score.loss_weight(t_flat, x0_rep))  # (N*K,)
+        loss = (w.flatten().to(per.dtype) * per).mean()
+        return loss, (t, per.detach().view(N, K).pow(2))
 
     def student_step(self) -> int:
         """The student step k this training step trains: uniform over the generator's steps, drawn from (seed,
@@ -733,6 +767,7 @@ class DMDModule(L.LightningModule):
 
         checkpoint["distill"] = {"step": self.step, "config": to_yaml(self.cfg), "g_steps": self.g_steps,
                                  "sampler": self.sampler.state_dict(),
+                                 **({"fake_sampler": self.fake_sampler.state_dict()} if self.fake_sampler else {}),
                                  "k_control": self.k_control.state_dict(), "costs": dict(self.costs),
                                  # [total skipped, in a row now, step of the last one]
                                  "nonfinite": [0, 0, 0] if self.health is None else [int(v) for v in
@@ -758,6 +793,8 @@ class DMDModule(L.LightningModule):
         if "sampler" in state:
             self.g_steps = int(state["g_steps"])
             self.sampler.load_state_dict(state["sampler"])
+            if self.fake_sampler is not None and "fake_sampler" in state:
+                self.fake_sampler.load_state_dict(state["fake_sampler"])
             self.k_control.load_state_dict(state["k_control"])
             self.costs = dict(state["costs"])
             total, in_a_row, *last = state.get("nonfinite", [0, 0])  # older checkpoints kept no last step

@@ -228,7 +228,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "distill/carv/controller.py", "a, b = within_model(max(self.sigma_w2, 0.0), self.sigma_w2_strat, self.strat_K)",
            "a, b = max(self.sigma_w2, 0.0), 0.0",
            ("tests/test_auto_k.py::test_the_controller_counts_strata_and_the_spread_over_student_steps",)),
+    Mutant("fake-unweighted", "CARV on the fake-score update estimates DMD2's loss without bias",
+           "distill/module.py", "loss = (w.flatten().to(per.dtype) * per).mean()", "loss = per.mean()",
+           ("tests/test_fake_carv.py::test_weighted_stratified_draws_estimate_dmd2s_loss_without_bias",)),
+    Mutant("fake-proposal-not-resumed", "a resumed run with CARV on the fake score ends bit-identical",
+           "distill/module.py", 'self.fake_sampler.load_state_dict(state["fake_sampler"])', "pass",
+           ("tests/test_fake_carv.py::test_an_adaptive_fake_proposal_is_checkpointed_and_a_resumed_run_ends_bit_identical",)),
 )
+
 
 
 def _files() -> list[str]:
