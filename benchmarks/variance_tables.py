@@ -1,5 +1,6 @@
 """The README's variance tables, rendered from benchmarks/results/variance-*.json (what benchmarks/variance.sh wrote),
-so that the README carries exactly what the JSON holds, with the commit that measured it.
+so that the README carries exactly what the JSON holds, with the commit that measured it: one table per file, then
+two summaries: K auto against the best fixed estimator of the same run (ECM), and the digits training states.
 
     python benchmarks/variance_tables.py [JSON ...]
 """
@@ -11,7 +12,8 @@ import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT = ["variance-digits.json", "variance-digits-four.json", "variance-gmm.json"]
+DEFAULT = ["variance-digits.json", "variance-digits-four.json", "variance-gmm.json", "variance-t2i-digits.json",
+           "variance-digits-step0500.json", "variance-digits-step1000.json", "variance-digits-step1500.json"]
 
 
 def _interval(v: float, ci: list[float] | None, unit: str = "") -> str:
@@ -25,7 +27,10 @@ def render(result: dict) -> str:
     head = (f"**{title}** (commit {result.get('commit', '?')})\n\n"
             f"{result['state']}; {steps} student step{'s' if steps > 1 else ''}; N = {result['N']}, "
             f"R = {result['replicates']} replicates; σ_b² = {result['sigma_b2']:.3g}, σ_w² = {result['sigma_w2']:.3g}; "
-            f"ceiling (σ_b² + σ_w²)/σ_b² = {f'{ceiling:.3g}×' if ceiling else 'none (σ_b² = 0)'}; "
+            + (f"across the student steps N·V_k = {result['sigma_b2_steps']:.3g}; "
+               if result.get("sigma_b2_steps") is not None else "")
+            + f"ceiling (σ_b² + σ_w²)/σ_b² = {f'{ceiling:.3g}×' if ceiling else 'none (σ_b² = 0)'}"
+            + (" (σ_b² with N·V_k)" if result.get("sigma_b2_steps") is not None else "") + "; "
             f"c_u/c_i = {result['cost_upstream_flops'] / result['cost_inner_flops']:.2f} (FLOPs); "
             f"auto K = {result['k_auto']}")
     lines = ["| estimator | K | variance cut [95%] | of ceiling | mean_dist / mean_se | s / estimate | ECM [95%] | "
@@ -41,12 +46,50 @@ def render(result: dict) -> str:
     return head + "\n\n" + "\n".join(lines)
 
 
+def _title(result: dict) -> str:
+    return result["config"] + (" " + " ".join(result["overrides"]) if result.get("overrides") else "")
+
+
+def auto_summary(results: list[dict]) -> str:
+    """K auto's ECM against the best fixed estimator's (baseline included) in the same run, and the fraction."""
+    lines = ["| run | auto K | auto ECM [95%] | best fixed | its ECM [95%] | auto / best |", "|---|---|---|---|---|---|"]
+    for res in results:
+        auto = next(r for r in res["rows"] if r["name"] == "auto")
+        best = max((r for r in res["rows"] if r["name"] != "auto"), key=lambda r: r["ecm"])
+        where = res["state"].split(" (")[0].replace("after a ", "").replace(" run of this config", "")
+        lines.append(f"| {_title(res)}, {where} | {auto['K']} | {_interval(auto['ecm'], auto.get('ecm_ci'))} | "
+                     f"{best['name']} | {_interval(best['ecm'], best.get('ecm_ci'))} | {auto['ecm'] / best['ecm']:.0%} |")
+    return "\n".join(lines)
+
+
+def states_summary(results: list[dict]) -> str:
+    """The digits training states: the ceiling and how much of it each estimator reaches, step by step."""
+    lines = ["| state | σ_b² | σ_w² | ceiling | K=16+adaptive+stratified cut [95%] (of ceiling) | auto K, ECM [95%] |",
+             "|---|---|---|---|---|---|"]
+    for res in results:
+        best = next(r for r in res["rows"] if r["name"] == "K=16+adaptive+stratified")
+        auto = next(r for r in res["rows"] if r["name"] == "auto")
+        ceiling = res.get("var_cut_ceiling")
+        frac = best.get("ceiling_fraction")
+        lines.append(f"| {res['state']} | {res['sigma_b2']:.3g} | {res['sigma_w2']:.3g} | "
+                     f"{f'{ceiling:.3g}×' if ceiling else '—'} | "
+                     f"{_interval(best['var_reduction'], best.get('var_cut_ci'), '×')}"
+                     f"{f' ({frac:.0%})' if frac is not None else ''} | "
+                     f"{auto['K']}, {_interval(auto['ecm'], auto.get('ecm_ci'))} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="*", help="result files [benchmarks/results/variance-{digits,digits-four,gmm}.json]")
     args = ap.parse_args()
     paths = args.json or [REPO / "benchmarks" / "results" / name for name in DEFAULT]
-    print("\n\n".join(render(json.loads(Path(p).read_text())) for p in paths if Path(p).is_file()))
+    results = [json.loads(Path(p).read_text()) for p in paths if Path(p).is_file()]
+    print("\n\n".join(render(r) for r in results))
+    print("\n\nK auto against the best fixed estimator of the same run:\n\n" + auto_summary(results))
+    states = [r for r in results if r["state"].startswith("checkpoint")]
+    if states:
+        print("\n\nTraining states:\n\n" + states_summary(states))
 
 
 if __name__ == "__main__":
