@@ -49,6 +49,20 @@ def test_bench_variance_writes_one_row_per_estimator(tmp_path):
     assert "variance-cut ceiling" in r.stdout
 
 
+def test_the_mixture_at_the_command_defaults_is_flagged_heavy_tailed(tmp_path):
+    # The state issue 14 reported (200 warm-up steps, R = 32): a few baseline replicates hold most of the variance
+    # (K = 4 uniform then "cut" it 27x, impossible for a mean of 4 iid draws). Pinned: the flag must say so, on
+    # every row, since every ratio is taken against that baseline.
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "variance", "--config", "configs/gmm.yaml", "--json", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["replicates"] == 32 and "200-step warm-up" in result["state"]
+    base = result["rows"][0]
+    assert base["var_rel_se"] > 0.5 and all(row["heavy_tail"] for row in result["rows"])
+    assert "ratios not reliable" in r.stdout
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Input refused with one line before anything runs
 
