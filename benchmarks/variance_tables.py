@@ -52,13 +52,15 @@ def _title(result: dict) -> str:
 
 def auto_summary(results: list[dict]) -> str:
     """K auto's ECM against the best fixed estimator's (baseline included) in the same run, and the fraction."""
-    lines = ["| run | auto K | auto ECM [95%] | best fixed | its ECM [95%] | auto / best |", "|---|---|---|---|---|---|"]
+    lines = ["| run | auto K | auto ECM [95%] | best fixed | its ECM [95%] | auto / best [95%, paired] |",
+             "|---|---|---|---|---|---|"]
     for res in results:
         auto = next(r for r in res["rows"] if r["name"] == "auto")
         best = max((r for r in res["rows"] if r["name"] != "auto"), key=lambda r: r["ecm"])
         where = res["state"].split(" (")[0].replace("after a ", "").replace(" run of this config", "")
         lines.append(f"| {_title(res)}, {where} | {auto['K']} | {_interval(auto['ecm'], auto.get('ecm_ci'))} | "
-                     f"{best['name']} | {_interval(best['ecm'], best.get('ecm_ci'))} | {auto['ecm'] / best['ecm']:.0%} |")
+                     f"{best['name']} | {_interval(best['ecm'], best.get('ecm_ci'))} | {auto['ecm'] / best['ecm']:.0%}"
+                     + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if (ci := auto.get("ecm_vs_best_fixed_ci")) else "") + " |")
     return "\n".join(lines)
 
 

@@ -337,6 +337,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
         row["ecm_ci"] = [c * base_row["flops"] / row["flops"] for c in cut]  # FLOPs are exact: only Var varies
         row["var_rel_se"] = variance_relative_se(G)
         row["heavy_tail"] = max(row["var_rel_se"], base_se) > HEAVY_TAIL_SE
+    compare_auto_with_best_fixed(rows, grams)
     kept = all(G is not None for G in grams.values())
     return {"state": state, "commit": source_version(), "config": config_path, "overrides": list(overrides), "N": N,
             "replicates": replicates, "student_steps": S, "sigma_b2": sigma_b2, "sigma_w2": sigma_w2,
@@ -345,6 +346,24 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
             "sigma_b2_steps": sigma_b2_steps, "k_auto": k_auto, "auto_diagnostic": auto_model, "rows": rows,
             "intervals": ("95% percentile bootstrap over replicates (pairs resampled), 4000 draws" if kept else
                           f"left out: R x parameters x 4 bytes exceeds {keep_bytes / 2**30:.1f} GiB")}
+
+
+def compare_auto_with_best_fixed(rows: list[dict], grams: dict) -> None:
+    """On the auto row: the best fixed estimator of the run (highest ECM, the baseline included), auto's ECM as a
+    fraction of it, and that fraction's 95% interval, a paired bootstrap of the two variance traces (their
+    replicates share z) times the exact cost ratio: `best_fixed`, `ecm_vs_best_fixed`, `ecm_vs_best_fixed_ci`."""
+    auto = next((r for r in rows if r["name"] == "auto"), None)
+    if auto is None:
+        return
+    best = max((r for r in rows if r["name"] != "auto"), key=lambda r: r["ecm"])
+    auto["best_fixed"] = best["name"]
+    auto["ecm_vs_best_fixed"] = auto["ecm"] / best["ecm"]
+    G_best, G_auto = grams.get(best["name"]), grams.get("auto")
+    if G_best is None or G_auto is None:
+        auto["ecm_vs_best_fixed_ci"] = None
+        return
+    cost = best["flops"] / auto["flops"]
+    auto["ecm_vs_best_fixed_ci"] = [c * cost for c in variance_ratio_ci(G_best, G_auto)]
 
 
 def source_version() -> str:

@@ -69,3 +69,18 @@ def test_the_ceiling_is_the_cut_an_infinite_k_reaches():
     # Var(K) = sigma_b2 + sigma_w2 / K: the cut against K = 1 tends to (sigma_b2 + sigma_w2) / sigma_b2
     assert variance_cut_ceiling(1.5, 4.5) == pytest.approx(4.0)
     assert variance_cut_ceiling(0.0, 4.5) is None  # no sigma_b2 measured: no bound to state
+
+
+def test_auto_is_compared_with_the_best_fixed_estimator_of_its_run_with_a_paired_interval():
+    from distill.bench import compare_auto_with_best_fixed
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(48, 30, generator=gen, dtype=torch.float64)
+    grams = {"baseline": 4 * X @ X.T, "K=4": X @ X.T, "auto": 0.25 * X @ X.T}  # variance 4 : 1 : 1/4, same z
+    rows = [{"name": "baseline", "ecm": 1.0, "flops": 1.0}, {"name": "K=4", "ecm": 1.6, "flops": 2.5},
+            {"name": "auto", "ecm": 8.0, "flops": 2.0}]
+    compare_auto_with_best_fixed(rows, grams)
+    auto = rows[-1]
+    assert auto["best_fixed"] == "K=4" and auto["ecm_vs_best_fixed"] == pytest.approx(5.0)
+    # a scaled copy: the paired variance ratio is exactly 4 on every resample; times the cost ratio 2.5 / 2
+    assert auto["ecm_vs_best_fixed_ci"] == pytest.approx([5.0, 5.0])
