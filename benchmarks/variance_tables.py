@@ -30,7 +30,10 @@ def render(result: dict) -> str:
             + (f"across the student steps N·V_k = {result['sigma_b2_steps']:.3g}; "
                if result.get("sigma_b2_steps") is not None else "")
             + f"ceiling (σ_b² + σ_w²)/σ_b² = {f'{ceiling:.3g}×' if ceiling else 'none (σ_b² = 0)'}"
-            + (" (σ_b² with N·V_k)" if result.get("sigma_b2_steps") is not None else "") + "; "
+            + (" (σ_b² with N·V_k)" if result.get("sigma_b2_steps") is not None else "")
+            + (f", {lo:.3g}× to {f'{hi:.3g}×' if hi else 'unbounded'} with σ_b² ± 1.96 SE"
+               if (r := result.get("var_cut_ceiling_range")) and (lo := r[0]) and ((hi := r[1]) or True) else "")
+            + "; "
             f"c_u/c_i = {result['cost_upstream_flops'] / result['cost_inner_flops']:.2f} (FLOPs); "
             f"auto K = {result['k_auto']}")
     lines = ["| estimator | K | variance cut [95%] | of ceiling | mean_dist / mean_se | s / estimate | ECM [95%] | "
@@ -44,6 +47,10 @@ def render(result: dict) -> str:
             + f" | {r['seconds']:.3g} | {_interval(r['ecm'], r.get('ecm_ci'))} | {r['ecm_oracle']:.3g} | "
             f"{'**yes**' if r.get('heavy_tail') else 'no'} |")
     return head + "\n\n" + "\n".join(lines)
+
+
+def _pm(se: float | None) -> str:
+    return f" ± {se:.2g}" if se is not None else ""
 
 
 def _title(result: dict) -> str:
@@ -73,7 +80,8 @@ def states_summary(results: list[dict]) -> str:
         auto = next(r for r in res["rows"] if r["name"] == "auto")
         ceiling = res.get("var_cut_ceiling")
         frac = best.get("ceiling_fraction")
-        lines.append(f"| {res['state']} | {res['sigma_b2']:.3g} | {res['sigma_w2']:.3g} | "
+        lines.append(f"| {res['state']} | {res['sigma_b2']:.3g}{_pm(res.get('sigma_b2_se'))} | "
+                     f"{res['sigma_w2']:.3g}{_pm(res.get('sigma_w2_se'))} | "
                      f"{f'{ceiling:.3g}×' if ceiling else '—'} | "
                      f"{_interval(best['var_reduction'], best.get('var_cut_ci'), '×')}"
                      f"{f' ({frac:.0%})' if frac is not None else ''} | "

@@ -192,7 +192,7 @@ def _check_fits(ckpt: str, checkpoint: dict, module, config_path: str | None) ->
 
 
 def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32, warmup_steps: int = 200,
-                   pilot_rounds: int = 20, diagnostic_rounds: int = 16, device: str = "cpu", progress: bool = True,
+                   pilot_rounds: int = 20, diagnostic_rounds: int = 64, device: str = "cpu", progress: bool = True,
                    config_path: str | None = None, overrides: list[str] = (), keep_bytes: int = 4 << 30) -> dict:
     """The table (module docstring). The intervals need each estimator's R replicate gradients on the host at once
     (R x parameters x 4 bytes); above `keep_bytes` they are left out (null in the JSON, said in `intervals`)."""
@@ -239,7 +239,11 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
             for key, value in out.items():
                 if key.endswith("_raw"):
                     sums.setdefault(key.removeprefix("carv/").removesuffix("_raw"), []).append(value)
-        return {key: sum(v) / len(v) for key, v in sums.items()}
+        out = {key: sum(v) / len(v) for key, v in sums.items()}
+        for key, v in sums.items():  # the standard error of each mean over the rounds
+            out[f"{key}_se"] = (sum((a - out[key]) ** 2 for a in v) / (len(v) - 1) / len(v)) ** 0.5 \
+                if len(v) > 1 else math.nan
+        return out
 
     # σ_b², σ_w² at this state (uniform proposal, iid draws): the split-half estimate, averaged over rounds; with a
     # multi-step student the spread over its steps, N·V_k, which reuse cannot remove either
@@ -318,6 +322,11 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
     base, G_base = moments["baseline"], grams["baseline"]
     base_row = rows[0]
     ceiling = variance_cut_ceiling(sigma_b2 + (sigma_b2_steps or 0.0), sigma_w2)
+    # the ceiling is an estimate too: its range with σ_b² (and N·V_k) at ± 1.96 standard errors of their means
+    upstream_se = math.hypot(split["sigma_b2_se"], split.get("sigma_b2_steps_se", 0.0))
+    upstream = sigma_b2 + (sigma_b2_steps or 0.0)
+    ceiling_range = [variance_cut_ceiling(upstream + 1.96 * upstream_se, sigma_w2),
+                     variance_cut_ceiling(upstream - 1.96 * upstream_se, sigma_w2)]
     base_se = variance_relative_se(G_base) if G_base is not None else None
     for row in rows:
         m, G = moments[row["name"]], grams[row["name"]]
@@ -343,7 +352,9 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
             "replicates": replicates, "student_steps": S, "sigma_b2": sigma_b2, "sigma_w2": sigma_w2,
             "var_cut_ceiling": ceiling, "cost_upstream_flops": c_u, "cost_inner_flops": c_i,
             "cost_upstream_seconds": costs["upstream_seconds"], "cost_inner_seconds": costs["inner_seconds"],
-            "sigma_b2_steps": sigma_b2_steps, "k_auto": k_auto, "auto_diagnostic": auto_model, "rows": rows,
+            "sigma_b2_se": split["sigma_b2_se"], "sigma_w2_se": split["sigma_w2_se"],
+            "sigma_b2_steps_se": split.get("sigma_b2_steps_se"), "diagnostic_rounds": diagnostic_rounds,
+            "var_cut_ceiling_range": ceiling_range, "sigma_b2_steps": sigma_b2_steps, "k_auto": k_auto, "auto_diagnostic": auto_model, "rows": rows,
             "intervals": ("95% percentile bootstrap over replicates (pairs resampled), 4000 draws" if kept else
                           f"left out: R x parameters x 4 bytes exceeds {keep_bytes / 2**30:.1f} GiB")}
 
@@ -383,19 +394,33 @@ def source_version() -> str:
         return f"distill {version('distill')}"
 
 
+def _se(se: float | None) -> str:
+    return f" ± {se:.2g}" if se is not None and math.isfinite(se) else ""
+
+
+def _range(r: list | None) -> str:
+    """The ceiling's range from σ_b² ± 1.96 SE (an upper end of None: σ_b² may be 0, no bound)."""
+    if not r or r[0] is None:
+        return ""
+    return f" (σ_b² ± 1.96 SE: {r[0]:.3g} to " + (f"{r[1]:.3g})" if r[1] is not None else "unbounded)")
+
+
 def format_table(result: dict) -> str:
     steps = result.get("student_steps", 1)
     ceiling = result.get("var_cut_ceiling")
     head = (f"state: {result['state']}\n" + (f"{steps}-step student (one step k per replicate, backward simulation); "
                                              if steps > 1 else "") +
             f"N = {result['N']} generator samples, R = {result['replicates']} replicates; "
-            f"sigma_b2 = {result['sigma_b2']:.4g}, sigma_w2 = {result['sigma_w2']:.4g}, "
-            + (f"across the student steps N V_k = {result['sigma_b2_steps']:.4g}, "
+            f"sigma_b2 = {result['sigma_b2']:.4g}{_se(result.get('sigma_b2_se'))}, "
+            f"sigma_w2 = {result['sigma_w2']:.4g}{_se(result.get('sigma_w2_se'))}, "
+            + (f"across the student steps N V_k = {result['sigma_b2_steps']:.4g}"
+               f"{_se(result.get('sigma_b2_steps_se'))}, "
                if result.get("sigma_b2_steps") is not None else "") +
             f"c_u = {result['cost_upstream_flops']:.4g} FLOPs, c_i = {result['cost_inner_flops']:.4g} FLOPs "
             f"(c_u/c_i = {result['cost_upstream_flops'] / result['cost_inner_flops']:.2f}), auto K = {result['k_auto']}"
             f"\nvariance-cut ceiling (sigma_b2 + sigma_w2) / sigma_b2 = "
-            + (f"{ceiling:.3g}" if ceiling else "none (sigma_b2 = 0)") + f"; [intervals: {result.get('intervals')}]")
+            + (f"{ceiling:.3g}" if ceiling else "none (sigma_b2 = 0)") + _range(result.get("var_cut_ceiling_range"))
+            + f"; [intervals: {result.get('intervals')}]")
 
     def interval(v, ci) -> str:
         return f"{v:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
