@@ -10,9 +10,9 @@ Reuse over (t, eps) cannot remove σ_b²: no estimator of the family cuts the va
 (σ_b² + σ_w²) / σ_b², printed with each estimator's fraction of it (for a multi-step student σ_b² there includes
 N·V_k, the spread of the mean gradient over the student steps, which every sample of a replicate shares).
 The `auto` row's K is the one training would choose at this state: the training diagnostic run with that row's
-sampler (adaptive, stratified), its within-sample variance measured as drawn, then `KController.target`. Every variance cut and ECM carries a 95% interval,
-a bootstrap over the replicates resampled in pairs (computed from each estimator's Gram matrix of replicate
-gradients), and a row whose variance (or the baseline's) has a relative standard error above 50% is flagged
+sampler (adaptive, stratified), its within-sample variance measured as drawn, then `KController.target`.
+Every variance cut and ECM carries a 95% interval, a bootstrap over the replicates resampled in pairs (computed
+from each estimator's Gram matrix of replicate gradients), and a row whose variance (or the baseline's) has a relative standard error above 50% is flagged
 `heavy_tail`: a few replicates hold most of it and its ratios mean little.
 A multi-step student (generator.timesteps) is measured as it trains: each replicate (and each diagnostic and pilot
 round) draws one student step k uniformly and estimates the gradient at step k's x0 by backward simulation, so the
@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 
 from distill.carv import TimestepSampler, dmd_timestep_p, ecm, ecm_oracle
-from distill.carv.controller import KController
-from distill.carv.controller import weighted_mean
+from distill.carv.controller import KController, weighted_mean
 from distill.config import FitConfig
 from distill.errors import DistillError
 from distill.losses import dmd_loss
@@ -205,7 +204,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
     module = module.to(dev)
     N = cfg.data.batch_size // (cfg.trainer.devices * cfg.trainer.num_nodes)
     N -= N % 2
-    params = [p for p in module.generator.parameters() if p.requires_grad]
+    params = module.trained(module.generator)
     shape = module.sample_shape()
 
     def outer(r: int):
@@ -257,9 +256,8 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
     iterator = ESTIMATORS
     for name, K, proposal, stratify in iterator:
         e = cfg.estimator
-        sampler = TimestepSampler(p, proposal=proposal, stratify=stratify, bins=e.adaptive_bins, ema=e.adaptive_ema,
-                                  smoothing=e.adaptive_smoothing, floor=e.adaptive_floor, mix=e.adaptive_mix,
-                                  warmup=1, refresh_every=10**9)
+        sampler = TimestepSampler(p, proposal=proposal, stratify=stratify, warmup=1, refresh_every=10**9,
+                                  **e.adaptive_table)
         module.sampler = sampler
         if proposal == "adaptive":  # learnt from pilot draws at this state, then frozen: never from its own draws
             for r in range(pilot_rounds):
@@ -321,10 +319,10 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
                      "bookkeeping_fraction": book / seconds})
     base, G_base = moments["baseline"], grams["baseline"]
     base_row = rows[0]
-    ceiling = variance_cut_ceiling(sigma_b2 + (sigma_b2_steps or 0.0), sigma_w2)
+    upstream = sigma_b2 + (sigma_b2_steps or 0.0)  # what no reuse of (t, eps) removes
+    ceiling = variance_cut_ceiling(upstream, sigma_w2)
     # the ceiling is an estimate too: its range with σ_b² (and N·V_k) at ± 1.96 standard errors of their means
     upstream_se = math.hypot(split["sigma_b2_se"], split.get("sigma_b2_steps_se", 0.0))
-    upstream = sigma_b2 + (sigma_b2_steps or 0.0)
     ceiling_range = [variance_cut_ceiling(upstream + 1.96 * upstream_se, sigma_w2),
                      variance_cut_ceiling(upstream - 1.96 * upstream_se, sigma_w2)]
     base_se = variance_relative_se(G_base) if G_base is not None else None
@@ -336,7 +334,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
         row["var_reduction"] = base_row["var_trace"] / row["var_trace"]
         row["ceiling_fraction"] = row["var_reduction"] / ceiling if ceiling else None
         row["ecm"] = ecm(base_row["var_trace"], base_row["flops"], row["var_trace"], row["flops"])
-        row["ecm_oracle"] = ecm_oracle(sigma_b2 + (sigma_b2_steps or 0.0), sigma_w2, c_u, c_i)
+        row["ecm_oracle"] = ecm_oracle(upstream, sigma_w2, c_u, c_i)
         if G is None or G_base is None:
             row["var_cut_ci"] = row["ecm_ci"] = row["var_rel_se"] = None
             row["heavy_tail"] = None
@@ -354,7 +352,8 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
             "cost_upstream_seconds": costs["upstream_seconds"], "cost_inner_seconds": costs["inner_seconds"],
             "sigma_b2_se": split["sigma_b2_se"], "sigma_w2_se": split["sigma_w2_se"],
             "sigma_b2_steps_se": split.get("sigma_b2_steps_se"), "diagnostic_rounds": diagnostic_rounds,
-            "var_cut_ceiling_range": ceiling_range, "sigma_b2_steps": sigma_b2_steps, "k_auto": k_auto, "auto_diagnostic": auto_model, "rows": rows,
+            "var_cut_ceiling_range": ceiling_range, "sigma_b2_steps": sigma_b2_steps, "k_auto": k_auto,
+            "auto_diagnostic": auto_model, "rows": rows,
             "intervals": ("95% percentile bootstrap over replicates (pairs resampled), 4000 draws" if kept else
                           f"left out: R x parameters x 4 bytes exceeds {keep_bytes / 2**30:.1f} GiB")}
 

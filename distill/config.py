@@ -246,9 +246,9 @@ class FakeScoreConfig:
     mlp_depth: int = _f(3, "mlp: hidden layers")
     K: int = _f(1, "CARV on the fake-score update: (t, noise) draws per generated sample in its denoising loss "
                    "(1 with uniform/none: DMD2's one draw, t uniform over [0, T))")
-    proposal: str = _f("uniform", "the denoising loss's timestep proposal: uniform | adaptive (q ∝ p sqrt(E[loss² | t]) "
-                                  "from the estimator's adaptive_* settings, counted in fake-score updates; the "
-                                  "draws are weighted by p/q, so the objective is unchanged)")
+    proposal: str = _f("uniform", "the denoising loss's timestep proposal: uniform | adaptive (q ∝ p "
+                                  "sqrt(E[loss² | t]) from the estimator's adaptive_* settings, counted in "
+                                  "fake-score updates; the draws are weighted by p/q, so the objective is unchanged)")
     stratify: str = _f("none", "the denoising loss's draws: none (iid) | per_sample (K strata of q's CDF per sample)")
 
     def __post_init__(self) -> None:
@@ -334,6 +334,13 @@ class EstimatorConfig:
         _check(self.cost in ("flops", "time"), "estimator.cost", "one of flops, time", self.cost)
         if auto and self.diagnostic_every == 0:
             self.diagnostic_every = 50  # K auto runs on the exact estimates
+
+    @property
+    def adaptive_table(self) -> dict:
+        """The adaptive proposal's table settings, as TimestepSampler takes them (every sampler built from this
+        config: the DMD draws', the fake score's, the bench's)."""
+        return dict(bins=self.adaptive_bins, ema=self.adaptive_ema, smoothing=self.adaptive_smoothing,
+                    floor=self.adaptive_floor, mix=self.adaptive_mix)
 
     @property
     def baseline(self) -> bool:

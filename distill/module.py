@@ -123,14 +123,12 @@ class DMDModule(L.LightningModule):
         # p: DMD2's t uniform over the integer indices [0.02 T, 0.98 T]; q: the proposal the sampler draws from
         self.sampler = TimestepSampler(
             dmd_timestep_p(self.teacher.T, e.t_min, e.t_max), proposal=e.proposal, stratify=e.stratify,
-            bins=e.adaptive_bins, ema=e.adaptive_ema, smoothing=e.adaptive_smoothing, floor=e.adaptive_floor,
-            mix=e.adaptive_mix, warmup=e.adaptive_warmup, refresh_every=e.adaptive_refresh_every)
+            warmup=e.adaptive_warmup, refresh_every=e.adaptive_refresh_every, **e.adaptive_table)
         f = cfg.fake_score  # the fake score's own proposal over all T indices (p uniform, as DMD2 draws them)
         self.fake_sampler = None if (f.K == 1 and f.proposal == "uniform" and f.stratify == "none") else \
             TimestepSampler(torch.full((self.teacher.T,), 1.0 / self.teacher.T, dtype=torch.float64),
-                            proposal=f.proposal, stratify=f.stratify, bins=e.adaptive_bins, ema=e.adaptive_ema,
-                            smoothing=e.adaptive_smoothing, floor=e.adaptive_floor, mix=e.adaptive_mix,
-                            warmup=e.adaptive_warmup, refresh_every=e.adaptive_refresh_every)
+                            proposal=f.proposal, stratify=f.stratify, warmup=e.adaptive_warmup,
+                            refresh_every=e.adaptive_refresh_every, **e.adaptive_table)
         self.k_control = KController(1 if e.K == "auto" else e.K, e.K == "auto", e.k_max, e.max_draws, e.auto_ema,
                                      strat_K=self.strat_K())
         self.costs: dict[str, float] = {}  # c_u, c_i in FLOPs and seconds per sample / per draw
@@ -512,7 +510,7 @@ class DMDModule(L.LightningModule):
                             rng: torch.Generator) -> tuple[float, float]:
         """Exact parameter-space (σ_b², σ_w²) of the generator's gradient at x = G(z) (with its graph), from Kd
         iid draws of `sampler`'s current q (distill.carv.diagnostics.split_half_estimate; no state changes)."""
-        params = [p for p in self.generator.parameters() if p.requires_grad]
+        params = self.trained(self.generator)
         return split_half_estimate(x, params, lambda x_, t, eps: self._integrand(x_, cond, t, eps), dmd_loss,
                                    sampler, Kd, rng)
 
@@ -541,7 +539,7 @@ class DMDModule(L.LightningModule):
         sigma_b2, sigma_w2 = self.split_half_estimate(x, cond, self.sampler, e.diagnostic_K, rng)
         strat = steps = math.nan
         if self.sampler.stratify != "none":
-            params = [p for p in self.generator.parameters() if p.requires_grad]
+            params = self.trained(self.generator)
             strat = stratified_within_estimate(x, params, lambda x_, t, eps: self._integrand(x_, cond, t, eps),
                                                dmd_loss, self.sampler, self.strat_K(), rng)
         if other_step is not None and self.generator.steps > 1:
@@ -594,7 +592,7 @@ class DMDModule(L.LightningModule):
         def upstream():
             # every student step k once (the training steps draw k uniformly): k no-grad steps of backward
             # simulation, then step k with grad and its backward (through the GAN head too when it is on)
-            params = [p for p in self.generator.parameters() if p.requires_grad]
+            params = self.trained(self.generator)
             for k in range(S):
                 x_in = self.generator.input_of_step(z, k, cond, noise)
                 with torch.enable_grad():

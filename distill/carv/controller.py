@@ -61,20 +61,20 @@ class KController:
         a, b = within_model(max(self.sigma_w2, 0.0), self.sigma_w2_strat, self.strat_K)
         return sigma_b2, a, b
 
+    def _k_max(self, N: int) -> int:
+        """k_max, and N·K <= max_draws when a memory bound is set."""
+        return max(1, min(self.k_max, self.max_draws // max(N, 1))) if self.max_draws else self.k_max
+
     def target(self, N: int, c_u: float, c_i: float) -> int:
         """The K minimising Var·Cost under `model()`, in [1, k_max] and N·K <= max_draws."""
-        k_max = self.k_max
-        if self.max_draws:
-            k_max = max(1, min(k_max, self.max_draws // max(N, 1)))
-        return choose_k(*self.model(), c_u, c_i, k_max=k_max)
+        return choose_k(*self.model(), c_u, c_i, k_max=self._k_max(N))
 
     def choose(self, N: int, c_u: float, c_i: float) -> int:
         """`target`, moved at most a factor of 2 per choice (MAX_STEP): early estimates are noisy, and one of them
         must not send K from 1 to k_max at once."""
         if not self.auto or self.sigma_b2 is None:
             return self.K
-        k_max = self.k_max if not self.max_draws else max(1, min(self.k_max, self.max_draws // max(N, 1)))
-        self.K = min(max(self.target(N, c_u, c_i), math.ceil(self.K / MAX_STEP)), self.K * MAX_STEP, k_max)
+        self.K = min(max(self.target(N, c_u, c_i), math.ceil(self.K / MAX_STEP)), self.K * MAX_STEP, self._k_max(N))
         return self.K
 
     def state_dict(self) -> dict:
