@@ -244,8 +244,11 @@ class FakeScoreConfig:
                                              "instead of storing them (less memory, more compute)")
     mlp_hidden: int = _f(128, "mlp: hidden width")
     mlp_depth: int = _f(3, "mlp: hidden layers")
-    K: int = _f(1, "CARV on the fake-score update: (t, noise) draws per generated sample in its denoising loss "
-                   "(1 with uniform/none: DMD2's one draw, t uniform over [0, T))")
+    K: Any = _f(1, "CARV on the fake-score update: (t, noise) draws per generated sample in its denoising loss "
+                   "(1 with uniform/none: DMD2's one draw, t uniform over [0, T)), or auto: chosen like "
+                   "estimator.K from the denoising gradient's measured variance split and the costs of a "
+                   "generated sample and of a fake-score draw (docs/method.md §9), with the estimator's "
+                   "diagnostic_every, diagnostic_K, k_max, max_draws, auto_every and auto_ema")
     proposal: str = _f("uniform", "the denoising loss's timestep proposal: uniform | adaptive (q ∝ p "
                                   "sqrt(E[loss² | t]) from the estimator's adaptive_* settings, counted in "
                                   "fake-score updates; the draws are weighted by p/q, so the objective is unchanged)")
@@ -253,7 +256,10 @@ class FakeScoreConfig:
 
     def __post_init__(self) -> None:
         _check(self.init in ("teacher", "mlp"), "fake_score.init", "one of teacher, mlp", self.init)
-        _check(self.K >= 1, "fake_score.K", "an integer >= 1", self.K)
+        if isinstance(self.K, str) and re.fullmatch(r"[0-9]+", self.K):
+            self.K = int(self.K)
+        _check(self.K == "auto" or (isinstance(self.K, int) and not isinstance(self.K, bool) and self.K >= 1),
+               "fake_score.K", "an integer >= 1 or auto", self.K)
         _check(self.proposal in ("uniform", "adaptive"), "fake_score.proposal", "one of uniform, adaptive",
                self.proposal)
         _check(self.stratify in ("none", "per_sample"), "fake_score.stratify", "one of none, per_sample",
@@ -483,6 +489,8 @@ class FitConfig:
         if self.teacher.kind == "gmm" and self.eval.fid_every_steps:
             _check(self.eval.features == "raw", "eval.features", "raw for the 2-D mixture teacher",
                    self.eval.features)
+        if self.fake_score.K == "auto" and e.diagnostic_every == 0:
+            e.diagnostic_every = 50  # fake_score.K auto runs on the exact estimates too
         if e.diagnostic_every or self.eval.variance_every_steps:
             _check(per_device >= 2 and per_device % 2 == 0, "data.batch_size",
                    f"an even number of samples per device for the split-half diagnostic (got {per_device})",

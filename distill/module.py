@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from distill.carv import TimestepSampler, anova, dmd_timestep_p, ecm, ecm_oracle, k_star
 from distill.carv.accounting import within_variance
 from distill.carv.controller import KController, weighted_mean
-from distill.carv.diagnostics import measure_costs, split_half_estimate, stratified_within_estimate
+from distill.carv.diagnostics import (draw_loss_variance_estimate, measure_costs, split_half_estimate,
+                                      stratified_within_estimate)
 from distill.conditions import Condition, as_condition
 from distill.config import FitConfig
 from distill.distributed import all_mean, is_distributed
@@ -131,6 +132,9 @@ class DMDModule(L.LightningModule):
                             refresh_every=e.adaptive_refresh_every, **e.adaptive_table)
         self.k_control = KController(1 if e.K == "auto" else e.K, e.K == "auto", e.k_max, e.max_draws, e.auto_ema,
                                      strat_K=self.strat_K())
+        # the fake score's draws per sample: fixed, or chosen by the same accounting (docs/method.md §9)
+        self.fake_k = KController(1 if f.K == "auto" else f.K, f.K == "auto", e.k_max, e.max_draws, e.auto_ema,
+                                  strat_K=self.strat_K())
         self.costs: dict[str, float] = {}  # c_u, c_i in FLOPs and seconds per sample / per draw
         self.g_steps = 0  # generator updates so far
         # updates skipped for a non-finite loss or gradient, kept on the device (no host sync in a step):
@@ -262,6 +266,7 @@ class DMDModule(L.LightningModule):
         self._warm_up()
         N = self.batch_per_device
         update_generator = self.step % self.cfg.optim.ttur == 0
+        diagnose = update_generator and self._diagnostic_due()  # (before this step's update counts)
         metrics: dict[str, Tensor | float] = {}
         taken = []
 
@@ -290,7 +295,7 @@ class DMDModule(L.LightningModule):
                 g_bar = weighted_mean(g, w)  # (1/K) sum_k w g  (docs/method.md §4, hierarchical estimator)
             # 4. DMD gradient and generator update: d loss / dx = g_bar / numel
             loss_g = dmd_loss(x, g_bar).mean()
-            if self._diagnostic_due():
+            if diagnose:
                 metrics.update(self._split_half_diagnostic(  # exact parameter-space (σ_b², σ_w², ...)
                     x, cond, lambda gen: self._at_other_step(z, cond, N, gen)))
             metrics["loss/generator_dm"] = loss_g.detach()
@@ -307,6 +312,8 @@ class DMDModule(L.LightningModule):
         # 5. fake-score update: the teacher's denoising loss on G's (detached) samples, t over the full range
         #    (DMD2: one t per sample; with fake_score.K / proposal / stratify, CARV's estimate of the same loss)
         x0 = x.detach()
+        if diagnose and self.fake_k.auto:  # the denoising gradient's variance split, before its update
+            metrics.update(self._fake_score_diagnostic(x0, cond))
         if self.fake_sampler is None:
             t_f = torch.randint(0, self.teacher.T, (N,), generator=rng, device=self.device)
             x_t = self.teacher.schedule.add_noise(x0, torch.randn(x0.shape, generator=rng, device=self.device), t_f)
@@ -315,6 +322,7 @@ class DMDModule(L.LightningModule):
             fake_draws = None
         else:
             loss_f, fake_draws = self._fake_score_loss(x0, cond, rng)
+            metrics["carv_fake/K"] = float(fake_draws[0].shape[1])
         metrics["loss/fake_score"] = loss_f.detach()
         if self.gan_head is not None:  # the discriminator: softplus(f(fake)) + softplus(-f(real)), same optimiser
             metrics.update(self._discriminator_loss(x0, cond, N))
@@ -342,17 +350,54 @@ class DMDModule(L.LightningModule):
         (t, noise) per generated sample, t from the fake proposal q (stratified per sample when asked), each
         draw's denoising loss weighted by p(t)/q(t): an unbiased estimate of DMD2's loss E_{t ~ U[0, T)}. Returns
         the loss and (t, loss²) per draw (N, K), the statistics of an adaptive q (q ∝ p sqrt(E[loss² | t]))."""
-        N, K = x0.shape[0], self.cfg.fake_score.K
+        N, K = x0.shape[0], self.fake_k.K
         t, w = self.fake_sampler.sample(N, K, generator=rng, device=self.device)  # (N, K)
+        per = self._fake_draw_losses(x0, cond, t, rng)  # (N, K)
+        loss = (w.to(per.dtype) * per).mean()
+        return loss, (t, per.detach().pow(2))
+
+    def _fake_draw_losses(self, x0: Tensor, cond: Condition | Tensor | None, t: Tensor,
+                          rng: torch.Generator) -> Tensor:
+        """Each draw's denoising loss (N, K) of the fake score at x0 re-noised to t (N, K), the noise from rng."""
+        N, K = t.shape
         x0_rep = x0.repeat_interleave(K, dim=0)  # sample n's draws are rows n*K .. n*K+K-1
         cond_rep = as_condition(cond).repeat_interleave(K) if cond is not None else None
         t_flat = t.flatten()
         x_t = self.teacher.schedule.add_noise(
             x0_rep, torch.randn(x0_rep.shape, generator=rng, device=self.device), t_flat)
-        per = denoising_loss(self.fake_score(x_t, t_flat, cond_rep), x0_rep,
-                             self.fake_score.loss_weight(t_flat, x0_rep))  # (N*K,)
-        loss = (w.flatten().to(per.dtype) * per).mean()
-        return loss, (t, per.detach().view(N, K).pow(2))
+        return denoising_loss(self.fake_score(x_t, t_flat, cond_rep), x0_rep,
+                              self.fake_score.loss_weight(t_flat, x0_rep)).view(N, K)
+
+    def _fake_score_diagnostic(self, x0: Tensor, cond: Condition | Tensor | None) -> dict[str, float]:
+        """fake_score.K auto: the denoising gradient's (σ_b², σ_w², σ_w,strat²) on this step's samples, folded into
+        its controller, with what the accounting makes of them (docs/method.md §9, "Splitting compute between the
+        updates"): K*, the ECM of the current K against one draw, and `ttur_equivalent`, the fake-score updates at
+        the current K that carry as much gradient information (N / Var summed) as optim.ttur updates at one draw."""
+        N = x0.shape[0]
+        sigma_b2, sigma_w2, strat = draw_loss_variance_estimate(
+            lambda t, w, gen: w.to(x0.dtype) * self._fake_draw_losses(x0, cond, t, gen),
+            self.trained(self.fake_score), N, self.fake_sampler, self.strat_K(), self._step_generator(salt=5))
+        sigma_b2, sigma_w2, strat = all_mean([sigma_b2, sigma_w2, strat])
+        c = self.fake_k
+        c.observe(sigma_b2, sigma_w2, strat)
+        out = {"carv_fake/sigma_b2_raw": sigma_b2, "carv_fake/sigma_w2_raw": sigma_w2}
+        if math.isfinite(strat):
+            out["carv_fake/sigma_w2_strat_raw"] = strat
+        if c.sigma_b2 is None:
+            return out
+        sb2, a, b = c.model()
+        out["carv_fake/sigma_b2"], out["carv_fake/sigma_w2"] = sb2, max(c.sigma_w2, 0.0)
+        v1, vK = sb2 + within_variance(a, b, 1), sb2 + within_variance(a, b, c.K)
+        if "fake_inner_flops" in self.costs and v1 > 0:
+            c_u, c_i = self._cost_pair("fake_")
+            out["carv_fake/k_star"] = float(c.target(N, c_u, c_i))
+            out["carv_fake/ecm"] = ecm(v1, c_u + c_i, vK, c_u + c.K * c_i)
+            out["carv_fake/ttur_equivalent"] = self.cfg.optim.ttur * vK / v1
+            # the compute of one generator update and the fake-score updates around it (per sample)
+            g_u, g_i = self._cost_pair()
+            fake = self.cfg.optim.ttur * (c_u + c.K * c_i)
+            out["carv_fake/compute_share"] = fake / (fake + g_u + self.k_control.K * g_i)
+        return out
 
     def student_step(self) -> int:
         """The student step k this training step trains: uniform over the generator's steps, drawn from (seed,
@@ -480,6 +525,8 @@ class DMDModule(L.LightningModule):
         if self.k_control.auto and self.g_steps % e.auto_every == 0 and self.costs:
             c_u, c_i = self._cost_pair()
             self.k_control.choose(N, c_u, c_i)
+        if self.fake_k.auto and self.g_steps % e.auto_every == 0 and "fake_inner_flops" in self.costs:
+            self.fake_k.choose(N, *self._cost_pair("fake_"))
         return metrics
 
     def _check_ranks_agree(self) -> float:
@@ -488,7 +535,8 @@ class DMDModule(L.LightningModule):
         accounting (or, for the student step, DMD2's one-step-per-iteration rule), so it stops the run."""
         q = self.sampler.q
         mine = torch.tensor([float((q * torch.arange(q.numel(), dtype=q.dtype)).sum()), float(q.square().sum()),
-                             float(self.k_control.K), float(self.student_step())], dtype=torch.float64,
+                             float(self.k_control.K), float(self.student_step()), float(self.fake_k.K)],
+                            dtype=torch.float64,
                             device=self.device)
         lo, hi = mine.clone(), mine.clone()
         torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
@@ -498,9 +546,10 @@ class DMDModule(L.LightningModule):
                                f"{hi.tolist()}")
         return 1.0
 
-    def _cost_pair(self) -> tuple[float, float]:
+    def _cost_pair(self, prefix: str = "") -> tuple[float, float]:
+        """(c_u, c_i) of the DMD gradient, or with prefix `fake_` of the fake score's loss."""
         key = "seconds" if self.cfg.estimator.cost == "time" else "flops"
-        return self.costs[f"upstream_{key}"], self.costs[f"inner_{key}"]
+        return self.costs[f"{prefix}upstream_{key}"], self.costs[f"{prefix}inner_{key}"]
 
     def _diagnostic_due(self) -> bool:
         every = self.cfg.estimator.diagnostic_every
@@ -608,6 +657,28 @@ class DMDModule(L.LightningModule):
 
         return measure_costs(upstream, inner, N * S, N, self.device)  # c_u: per sample, averaged over k
 
+    @torch.no_grad()
+    def measure_fake_costs(self, N: int, cond: Condition | Tensor | None = None) -> dict[str, float]:
+        """The fake score's loss: c_u (per sample: the generator's no-grad forwards that make x0, averaged over the
+        student step) and c_i (per draw: a fake-score forward and backward of the denoising loss), keys fake_*."""
+        z = torch.zeros((N, *self.sample_shape()), device=self.device)
+        t = torch.full((N,), self.teacher.T // 2, device=self.device, dtype=torch.long)
+        S = self.generator.steps
+        noise = torch.zeros((N, S - 1, *z.shape[1:]), device=self.device) if S > 1 else None
+        params = self.trained(self.fake_score)
+
+        def upstream():
+            for k in range(S):
+                self.generator.step(self.generator.input_of_step(z, k, cond, noise), k, cond)
+
+        def inner():
+            with torch.enable_grad():
+                loss = denoising_loss(self.fake_score(z, t, cond), z, self.fake_score.loss_weight(t, z)).sum()
+                torch.autograd.grad(loss, params, allow_unused=True)
+
+        costs = measure_costs(upstream, inner, N * S, N, self.device)
+        return {f"fake_{k}": v for k, v in costs.items()}
+
     def sample_shape(self) -> tuple[int, ...]:
         if isinstance(self.teacher, GaussianMixtureDenoiser):
             return (self.teacher.mixture.dim,)
@@ -616,10 +687,12 @@ class DMDModule(L.LightningModule):
         return tuple(sample_shape_of(self.teacher))
 
     def on_fit_start(self) -> None:
-        if not self.costs:
-            N = max(1, self.cfg.data.batch_size // max(1, self.trainer.world_size))
-            costs = self.measure_costs(N, self.cost_condition(N))
-            self.costs = dict(zip(costs, all_mean(list(costs.values()))))  # wall times differ across ranks
+        N = max(1, self.cfg.data.batch_size // max(1, self.trainer.world_size))
+        costs = {} if self.costs else self.measure_costs(N, self.cost_condition(N))
+        if self.fake_k.auto and "fake_inner_flops" not in self.costs:  # (a run resumed with fake_score.K auto)
+            costs.update(self.measure_fake_costs(N, self.cost_condition(N)))
+        if costs:
+            self.costs.update(zip(costs, all_mean(list(costs.values()))))  # wall times differ across ranks
 
     def cost_condition(self, N: int) -> Condition | None:
         """A condition of the step's shape for measuring costs (class 0, or the first prompt N times)."""
@@ -766,7 +839,8 @@ class DMDModule(L.LightningModule):
         checkpoint["distill"] = {"step": self.step, "config": to_yaml(self.cfg), "g_steps": self.g_steps,
                                  "sampler": self.sampler.state_dict(),
                                  **({"fake_sampler": self.fake_sampler.state_dict()} if self.fake_sampler else {}),
-                                 "k_control": self.k_control.state_dict(), "costs": dict(self.costs),
+                                 "k_control": self.k_control.state_dict(), "fake_k": self.fake_k.state_dict(),
+                                 "costs": dict(self.costs),
                                  # [total skipped, in a row now, step of the last one]
                                  "nonfinite": [0, 0, 0] if self.health is None else [int(v) for v in
                                                                                      self.health[[0, 1, 3]].tolist()]}
@@ -794,6 +868,8 @@ class DMDModule(L.LightningModule):
             if self.fake_sampler is not None and "fake_sampler" in state:
                 self.fake_sampler.load_state_dict(state["fake_sampler"])
             self.k_control.load_state_dict(state["k_control"])
+            if self.fake_k.auto and "fake_k" in state:  # (a fixed fake_score.K is the config's)
+                self.fake_k.load_state_dict(state["fake_k"])
             self.costs = dict(state["costs"])
             total, in_a_row, *last = state.get("nonfinite", [0, 0])  # older checkpoints kept no last step
             self.health = torch.tensor([total, in_a_row, in_a_row, last[0] if last else 0], dtype=torch.float64,

@@ -85,3 +85,45 @@ def measure_costs(upstream: Callable[[], object], inner: Callable[[], object], n
             torch.cuda.synchronize(device)
         out[f"{name}_seconds"] = (time.perf_counter() - t0) / repeats / n
     return out
+
+
+# losses(t (N, K), w (N, K), generator) -> (N, K): each draw's weighted loss w·ℓ, with its graph to the parameters
+DrawLosses = Callable[[Tensor, Tensor, torch.Generator], Tensor]
+
+
+def _half_gradients(losses: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """The parameter gradients of the mean loss over each half of the samples (rows), flattened, float64."""
+    N = losses.shape[0]
+    out = []
+    for half in (slice(0, N // 2), slice(N // 2, N)):
+        G = torch.autograd.grad(losses[half].mean(), params, retain_graph=True, allow_unused=True)
+        out.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(G, params)])
+                   .double())
+    return out
+
+
+def draw_loss_variance_estimate(losses: DrawLosses, params: list[Tensor], N: int, sampler: TimestepSampler,
+                                K_s: int, generator: torch.Generator) -> tuple[float, float, float]:
+    """(σ_b², σ_w², σ_w,strat²(K_s)) of the gradient of a loss that is itself an expectation over (t, noise) per
+    sample, the fake score's denoising loss (docs/method.md §9, "Splitting compute between the updates"): per-draw
+    units as for the DMD gradient, so that Var = (σ_b² + v(K))/N with v(1) = σ_w², v(K_s) = σ_w,strat²/K_s.
+
+    Two independent K_s-draw sets A, B per sample, drawn as training draws them (the sampler's q and strata); G_hS,
+    the gradient of the mean weighted loss over half h of the samples with set S. Halves hold independent samples,
+    sets independent draws: E‖G_1S − G_2S‖² = 4(σ_b² + v(K_s))/N and E‖G_hA − G_hB‖² = 4 v(K_s)/N. For iid draws
+    v(1) = K_s v(K_s); with strata one more set of one draw per sample (C) gives σ_b² + v(1) the same way, and
+    σ_w,strat² is returned (NaN for iid draws: nothing beyond σ_w² to model). Six half-batch backward passes (eight
+    with strata); no state changes."""
+    stratify = "batch" if sampler.stratify == "global" else sampler.stratify
+    sets = []
+    for K in (K_s, K_s) + ((1,) if stratify != "none" else ()):
+        t, w = sampler.sample(N, K, generator=generator, device=params[0].device, stratify=stratify)
+        sets.append(_half_gradients(losses(t, w, generator), params))
+    (a1, a2), (b1, b2) = sets[0], sets[1]
+    total = N / 4 * 0.5 * float(((a1 - a2) ** 2).sum() + ((b1 - b2) ** 2).sum())  # σ_b² + v(K_s)
+    within = N / 4 * 0.5 * float(((a1 - b1) ** 2).sum() + ((a2 - b2) ** 2).sum())  # v(K_s)
+    sigma_b2 = total - within
+    if stratify == "none":
+        return sigma_b2, K_s * within, float("nan")
+    c1, c2 = sets[2]
+    return sigma_b2, N / 4 * float(((c1 - c2) ** 2).sum()) - sigma_b2, K_s * within
