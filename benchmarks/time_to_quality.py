@@ -16,7 +16,7 @@ Run it with nothing else on the machine: the numbers are wall-clock. Prints a ta
     python benchmarks/time_to_quality.py --seeds 0 1 2        (after `make data`; about 10 min a seed on 2 cores)
     python benchmarks/time_to_quality.py --config configs/t2i-digits.yaml --seeds 0 1 2   (about 15 min a seed)
     python benchmarks/time_to_quality.py --summarise-only     (re-read the runs under --root)
-    python benchmarks/time_to_quality.py --methods baseline carv carv-fake --fake-ttur 2 --keep-scored
+    python benchmarks/time_to_quality.py --methods baseline carv carv-fake --fake-ttur 2 5 --keep-scored
                                                               (add CARV on both updates beside runs already scored)
 """
 
@@ -102,14 +102,18 @@ def plot(curves: dict, path: Path, name: str) -> None:
     if any(p["prompt_accuracy"] is not None for pts in curves.values() for p in pts):
         keys.append(("prompt_accuracy", "prompt accuracy (digits classifier)"))
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
-    colours = {"baseline": "tab:blue", "carv": "tab:orange", "carv-fake": "tab:green"}
+    palette = iter(["tab:green", "tab:red", "tab:purple", "tab:brown"])
+    colours = {"baseline": "tab:blue", "carv": "tab:orange"}
+    colours.update({m: next(palette) for m in sorted({m for m, _ in curves}) if m not in colours})
     for ax, (key, label) in zip(axes[0], keys):
         for (method, seed), pts in sorted(curves.items()):
             ax.plot([p["seconds"] for p in pts], [p[key] for p in pts], marker="o", ms=3, color=colours[method],
                     alpha=0.8, label=f"{method}" if seed == min(s for m, s in curves if m == method) else None)
         ax.set_xlabel("training wall time (s, 2 CPU cores)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{name}: {key.replace('_', ' ')} against wall-clock, one line per seed", fontsize=9)
+        ax.set_ylabel(label + (", log scale" if key == "fid" else ""))
+        if key == "fid":  # one diverging method must not flatten the others
+            ax.set_yscale("log")
+        ax.set_title(f"{name}: {label.split(' (')[0]} against wall-clock, one line per seed", fontsize=9)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -180,8 +184,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["baseline", "carv"], choices=list(METHODS),
                     help="what to train and compare with the baseline [baseline carv]; carv-fake: CARV on both "
                          "updates, with --fake-ttur")
-    ap.add_argument("--fake-ttur", type=int, default=None,
-                    help="carv-fake's optim.ttur [the config's]: e.g. the carv_fake/ttur_equivalent a run logged")
+    ap.add_argument("--fake-ttur", type=int, nargs="+", default=None,
+                    help="carv-fake's optim.ttur, one run per value, named carv-fake-tturX [the config's, named "
+                         "carv-fake]: e.g. the carv_fake/ttur_equivalent a run logged")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run [the config's trainer.max_steps]")
     ap.add_argument("--every", type=int, default=250, help="checkpoint (and FID) every this many steps [250]")
     ap.add_argument("--root", default=None, help="run directories [runs/time-to-quality-NAME, NAME the config's stem]")
@@ -202,8 +207,12 @@ def main() -> None:
     args.plot = args.plot or str(REPO / f"benchmarks/results/time-to-quality-{name}.png")
     root = Path(args.root or REPO / f"runs/time-to-quality-{name}")
     root.mkdir(parents=True, exist_ok=True)
-    methods = {m: METHODS[m] + ([f"optim.ttur={args.fake_ttur}"] if m == "carv-fake" and args.fake_ttur else [])
-               for m in args.methods}
+    methods = {}
+    for m in args.methods:
+        if m == "carv-fake" and args.fake_ttur:
+            methods.update({f"{m}-ttur{x}": METHODS[m] + [f"optim.ttur={x}"] for x in args.fake_ttur})
+        else:
+            methods[m] = METHODS[m]
     py = sys.executable
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
