@@ -42,6 +42,11 @@ def split_half_estimate(x: Tensor, params: list[Tensor], integrand: Integrand, s
     return float(sigma_b2), float(sigma_w2)
 
 
+def _strata_in_use(sampler: TimestepSampler) -> str:
+    """The strata training draws with, as one rank sees them (global strata are a batch's strata on one rank)."""
+    return "batch" if sampler.stratify == "global" else sampler.stratify
+
+
 def stratified_within_estimate(x: Tensor, params: list[Tensor], integrand: Integrand, surrogate: Surrogate,
                                sampler: TimestepSampler, K_s: int, generator: torch.Generator) -> float:
     """σ_w,strat²(K_s) = K_s · v(K_s): the within-sample variance of the estimator in use (the sampler's q and its
@@ -51,7 +56,7 @@ def stratified_within_estimate(x: Tensor, params: list[Tensor], integrand: Integ
     within-sample noise only: E‖D_i‖² = 4 v(K_s)/N, so v̂(K_s) = (N/4) · ½ Σ_i ‖D_i‖². One autograd.grad per
     half (the surrogate's gradient is linear in its target); no state changes."""
     N = x.shape[0]
-    stratify = "batch" if sampler.stratify == "global" else sampler.stratify  # one rank's view of global strata
+    stratify = _strata_in_use(sampler)
     draws = [sampler.sample(N, K_s, generator=generator, device=x.device, stratify=stratify) for _ in range(2)]
     t = torch.cat([draws[0][0], draws[1][0]], 1)  # (N, 2 K_s): set A, then set B
     w = torch.cat([draws[0][1], draws[1][1]], 1)
@@ -114,7 +119,7 @@ def draw_loss_variance_estimate(losses: DrawLosses, params: list[Tensor], N: int
     v(1) = K_s v(K_s); with strata one more set of one draw per sample (C) gives σ_b² + v(1) the same way, and
     σ_w,strat² is returned (NaN for iid draws: nothing beyond σ_w² to model). Six half-batch backward passes (eight
     with strata); no state changes."""
-    stratify = "batch" if sampler.stratify == "global" else sampler.stratify
+    stratify = _strata_in_use(sampler)
     sets = []
     for K in (K_s, K_s) + ((1,) if stratify != "none" else ()):
         t, w = sampler.sample(N, K, generator=generator, device=params[0].device, stratify=stratify)
