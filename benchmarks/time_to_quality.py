@@ -171,7 +171,7 @@ def print_table(method: str, rows: list[dict], summary: dict) -> None:
             print(f"| {r['seed']} | {r['baseline_final_accuracy']:.3f} | {r['final_accuracy']:.3f} | "
                   + ("past its end" if at is None else f"{at:.3f}") + " |")
     for key, value in summary.items():
-        if isinstance(value, tuple) or isinstance(value, list):
+        if isinstance(value, (tuple, list)):
             m, ci = value
             print(f"{key}: {m:.3f}" + (f", 95% t-interval [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
 

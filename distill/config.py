@@ -232,6 +232,15 @@ class GANConfig:
         return self.weight_generator > 0
 
 
+def _draws_or_auto(value: Any, key: str) -> Any:
+    """An integer >= 1 (a quoted "4" too, as OmegaConf converts a quoted "100" for the int keys) or auto."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
+        value = int(value)
+    _check(value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1), key,
+           "an integer >= 1 or auto", value)
+    return value
+
+
 @dataclass
 class FakeScoreConfig:
     """The online fake-score network mu_fake, trained on the generator's samples."""
@@ -256,10 +265,7 @@ class FakeScoreConfig:
 
     def __post_init__(self) -> None:
         _check(self.init in ("teacher", "mlp"), "fake_score.init", "one of teacher, mlp", self.init)
-        if isinstance(self.K, str) and re.fullmatch(r"[0-9]+", self.K):
-            self.K = int(self.K)
-        _check(self.K == "auto" or (isinstance(self.K, int) and not isinstance(self.K, bool) and self.K >= 1),
-               "fake_score.K", "an integer >= 1 or auto", self.K)
+        self.K = _draws_or_auto(self.K, "fake_score.K")
         _check(self.proposal in ("uniform", "adaptive"), "fake_score.proposal", "one of uniform, adaptive",
                self.proposal)
         _check(self.stratify in ("none", "per_sample"), "fake_score.stratify", "one of none, per_sample",
@@ -304,11 +310,8 @@ class EstimatorConfig:
     cost: str = _f("flops", "K auto: cost measure, flops (reproducible) | time (measured wall time)")
 
     def __post_init__(self) -> None:
-        if isinstance(self.K, str) and re.fullmatch(r"[0-9]+", self.K):
-            self.K = int(self.K)  # a quoted "4", as OmegaConf converts a quoted "100" for the int keys
+        self.K = _draws_or_auto(self.K, "estimator.K")
         auto = self.K == "auto"
-        _check(auto or (isinstance(self.K, int) and not isinstance(self.K, bool) and self.K >= 1), "estimator.K",
-               "an integer >= 1 or auto", self.K)
         _check(self.proposal in ("uniform", "adaptive"), "estimator.proposal", "one of uniform, adaptive",
                self.proposal)
         _check(self.stratify in ("none", "per_sample", "batch", "global"), "estimator.stratify",

@@ -632,11 +632,8 @@ class DMDModule(L.LightningModule):
         """c_u (per sample: generator forward + backward, with a multi-step student's backward simulation averaged
         over the step it trains, and the GAN term's pass through the fake score when on) and c_i (teacher, with
         guidance if any, + fake score, per draw), as FLOPs and as wall time (distill.carv.diagnostics.measure_costs)."""
-        z = torch.zeros((N, *self.sample_shape()), device=self.device)
+        z, noise, S = self._cost_inputs(N)
         t = torch.full((N,), (self.sampler.lo + self.sampler.hi) // 2, device=self.device, dtype=torch.long)
-
-        S = self.generator.steps
-        noise = torch.zeros((N, S - 1, *z.shape[1:]), device=self.device) if S > 1 else None
 
         def upstream():
             # every student step k once (the training steps draw k uniformly): k no-grad steps of backward
@@ -657,14 +654,19 @@ class DMDModule(L.LightningModule):
 
         return measure_costs(upstream, inner, N * S, N, self.device)  # c_u: per sample, averaged over k
 
+    def _cost_inputs(self, N: int) -> tuple[Tensor, Tensor | None, int]:
+        """Zero inputs of the step's shape for the cost measurements: z, the re-noising draws of a multi-step
+        student (None for one step) and its step count S."""
+        z = torch.zeros((N, *self.sample_shape()), device=self.device)
+        S = self.generator.steps
+        return z, torch.zeros((N, S - 1, *z.shape[1:]), device=self.device) if S > 1 else None, S
+
     @torch.no_grad()
     def measure_fake_costs(self, N: int, cond: Condition | Tensor | None = None) -> dict[str, float]:
         """The fake score's loss: c_u (per sample: the generator's no-grad forwards that make x0, averaged over the
         student step) and c_i (per draw: a fake-score forward and backward of the denoising loss), keys fake_*."""
-        z = torch.zeros((N, *self.sample_shape()), device=self.device)
+        z, noise, S = self._cost_inputs(N)
         t = torch.full((N,), self.teacher.T // 2, device=self.device, dtype=torch.long)
-        S = self.generator.steps
-        noise = torch.zeros((N, S - 1, *z.shape[1:]), device=self.device) if S > 1 else None
         params = self.trained(self.fake_score)
 
         def upstream():

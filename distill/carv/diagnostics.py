@@ -21,6 +21,11 @@ Integrand = Callable[[Tensor, Tensor, Tensor], Tensor]
 Surrogate = Callable[[Tensor, Tensor], Tensor]
 
 
+def _flat(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> Tensor:
+    """One float64 vector of a parameter gradient (zeros where a parameter got none)."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]).double()
+
+
 def split_half_estimate(x: Tensor, params: list[Tensor], integrand: Integrand, surrogate: Surrogate,
                         sampler: TimestepSampler, Kd: int, generator: torch.Generator) -> tuple[float, float]:
     """(σ_b², σ_w²) of the parameter gradient by the split-half estimate (docs/method.md §5): halves i of the N
@@ -36,8 +41,7 @@ def split_half_estimate(x: Tensor, params: list[Tensor], integrand: Integrand, s
         for draws in (slice(0, Kd // 2), slice(Kd // 2, Kd)):
             loss = surrogate(x[half], y[half, draws].mean(1)).mean()
             grads.append(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
-    flat = [torch.cat([(gr if gr is not None else torch.zeros_like(p)).flatten() for gr, p in zip(G, params)]).double()
-            for G in grads]
+    flat = [_flat(G, params) for G in grads]
     sigma_b2, sigma_w2 = split_half(*flat, N=N, K=Kd)
     return float(sigma_b2), float(sigma_w2)
 
@@ -101,9 +105,8 @@ def _half_gradients(losses: Tensor, params: list[Tensor]) -> list[Tensor]:
     N = losses.shape[0]
     out = []
     for half in (slice(0, N // 2), slice(N // 2, N)):
-        G = torch.autograd.grad(losses[half].mean(), params, retain_graph=True, allow_unused=True)
-        out.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(G, params)])
-                   .double())
+        out.append(_flat(torch.autograd.grad(losses[half].mean(), params, retain_graph=True, allow_unused=True),
+                         params))
     return out
 
 
