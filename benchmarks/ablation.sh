@@ -32,6 +32,7 @@ case $config in
   *) echo "unknown CONFIG '$config' (expected digits or t2i-digits)"; exit 2 ;;
 esac
 out=${2:-benchmarks/results/ablation-$config-seed$seed.json}
+mkdir -p runs
 root=runs/ablation-$config-seed$seed
 [[ $config == digits ]] && root=runs/ablation-seed$seed   # where the digits runs always were
 # four_lr: the four-step student at a fifth of the generator's learning rate (multi-step training is sensitive to it)

@@ -1,12 +1,12 @@
-"""Means over seeds of the digits ablation (benchmarks/ablation.sh writes one JSON per seed), with 95% intervals.
+"""Means over seeds of the ablation (benchmarks/ablation.sh writes one JSON per seed), with 95% intervals.
 
-For each variant: the mean FID over the seeds that ran it, its t-interval, and the paired differences to the 50-step
+For each variant: the mean FID over the seeds that ran it, its t-interval, and the paired differences to the
 teacher (student - teacher; below zero = the student beats the teacher) and to the one-step DMD student of the same
-seed, each with its t-interval. With
+seed, each with its t-interval; prompt accuracy likewise where the teacher is text-to-image. With
 two or three seeds the intervals are wide; they are printed as they come. A fit marked `wall_time_shared` (its cores
 were shared) counts for its FID, not for the wall-time mean. Prints a table and writes JSON.
 
-    python benchmarks/ablation_summary.py [--json benchmarks/results/ablation-digits.json]
+    python benchmarks/ablation_summary.py [--config digits|t2i-digits]
 """
 
 from __future__ import annotations
@@ -35,18 +35,25 @@ def mean_ci(xs: list[float]) -> tuple[float, list[float] | None]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", default=str(REPO / "benchmarks/results/ablation-digits-seed*.json"),
-                    help="the per-seed JSON files (a glob) [benchmarks/results/ablation-digits-seed*.json]")
-    ap.add_argument("--json", default=str(REPO / "benchmarks/results/ablation-digits.json"), help="write here")
+    ap.add_argument("--config", default="digits", choices=["digits", "t2i-digits"], help="the teacher [digits]")
+    ap.add_argument("--results", help="the per-seed JSON files (a glob) "
+                    "[benchmarks/results/ablation-CONFIG-seed*.json]")
+    ap.add_argument("--json", help="write here [benchmarks/results/ablation-CONFIG.json]")
     args = ap.parse_args()
+    args.results = args.results or str(REPO / f"benchmarks/results/ablation-{args.config}-seed*.json")
+    args.json = args.json or str(REPO / f"benchmarks/results/ablation-{args.config}.json")
     runs = [json.loads(Path(p).read_text()) for p in sorted(glob.glob(args.results))]
     if not runs:
         raise SystemExit(f"no results match {args.results}: run `bash benchmarks/ablation.sh SEED` first")
     fmt = lambda m, ci: f"{m:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")  # noqa: E731
-    teacher = [r["teacher_50step_fid"] for r in runs]
+    for r in runs:  # the digits seeds written before the text-to-image teacher's were always 50 steps
+        r.setdefault("teacher_fid", r.get("teacher_50step_fid"))
+        r.setdefault("teacher_steps", 50)
+    teacher = [r["teacher_fid"] for r in runs]
+    teacher_acc = [r["teacher_prompt_accuracy"] for r in runs if r.get("teacher_prompt_accuracy") is not None]
     rows = []
     for name in ORDER:
-        per = [(r["seed"], v, r["teacher_50step_fid"]) for r in runs for v in r["variants"] if v["variant"] == name]
+        per = [(r["seed"], v, r["teacher_fid"]) for r in runs for v in r["variants"] if v["variant"] == name]
         if not per:
             continue
         fid, fid_ci = mean_ci([v["fid"] for _, v, _ in per])
@@ -60,18 +67,29 @@ def main() -> None:
                      "minus_teacher": gap, "minus_teacher_ci95": gap_ci, "minus_dmd": vs_dmd,
                      "minus_dmd_ci95": vs_dmd_ci, "fit_seconds": secs,
                      "fit_seconds_ci95": secs_ci, "fids": [v["fid"] for _, v, _ in per]})
+        accs = [v["prompt_accuracy"] for _, v, _ in per if v.get("prompt_accuracy") is not None]
+        if accs:
+            rows[-1]["prompt_accuracy"], rows[-1]["prompt_accuracy_ci95"] = mean_ci(accs)
     t_mean, t_ci = mean_ci(teacher)
+    text = bool(teacher_acc)
+    acc_fmt = lambda m, ci: f"{m:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")  # noqa: E731
     print("| variant | seeds | FID, mean [95% interval] | student - teacher, paired | - DMD only, paired | "
-          "fit wall time |\n|---|---|---|---|---|---|")
+          + ("prompt accuracy | " if text else "") + "fit wall time |\n|---|---|---|---|---|---|"
+          + ("---|" if text else ""))
     for r in rows:
+        acc = f"{acc_fmt(r['prompt_accuracy'], r['prompt_accuracy_ci95'])} | " if "prompt_accuracy" in r else \
+            ("| " if text else "")
         print(f"| {LABELS[r['variant']]} | {len(r['seeds'])} | {fmt(r['fid'], r['fid_ci95'])} | "
               f"{fmt(r['minus_teacher'], r['minus_teacher_ci95'])} | "
               f"{fmt(r['minus_dmd'], r['minus_dmd_ci95']) if r['minus_dmd'] is not None else ''} | "
-              f"{r['fit_seconds']:.0f} s |")
+              f"{acc}{r['fit_seconds']:.0f} s |")
     same = len(set(teacher)) == 1  # its samples do not depend on the fit's seed
-    print(f"| teacher, 50 DDIM steps | {len(teacher)} | {fmt(t_mean, None if same else t_ci)}"
-          f"{' (the same for every seed)' if same else ''} | | | |")
-    result = {"variants": rows, "teacher_50step_fid": t_mean, "teacher_50step_fid_ci95": t_ci,
+    steps = runs[0]["teacher_steps"]
+    t_acc = f"{acc_fmt(*mean_ci(teacher_acc))} | " if text else ""
+    print(f"| teacher, {steps} DDIM steps | {len(teacher)} | {fmt(t_mean, None if same else t_ci)}"
+          f"{' (the same for every seed)' if same else ''} | | | {t_acc}|")
+    result = {"variants": rows, "teacher_fid": t_mean, "teacher_fid_ci95": t_ci, "teacher_steps": steps,
+              "teacher_prompt_accuracy": mean_ci(teacher_acc)[0] if text else None,
               "seeds": [r["seed"] for r in runs], "commits": sorted({r["commit"] for r in runs}),
               "interval": "t-interval over seeds (two-sided 95%)", "protocol": runs[0]["protocol"]}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

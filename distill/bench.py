@@ -242,11 +242,11 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
         for key, v in sums.items():  # the standard error of each mean over the rounds
             out[f"{key}_se"] = (sum((a - out[key]) ** 2 for a in v) / (len(v) - 1) / len(v)) ** 0.5 \
                 if len(v) > 1 else math.nan
-        return out
+        return out, sums
 
     # σ_b², σ_w² at this state (uniform proposal, iid draws): the split-half estimate, averaged over rounds; with a
     # multi-step student the spread over its steps, N·V_k, which reuse cannot remove either
-    split = diagnose(50_000)
+    split, _ = diagnose(50_000)
     sigma_b2, sigma_w2 = max(split["sigma_b2"], 0.0), max(split["sigma_w2"], 0.0)
     sigma_b2_steps = max(split["sigma_b2_steps"], 0.0) if "sigma_b2_steps" in split else None
     k_auto, auto_model = None, None
@@ -272,13 +272,18 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
                 sampler.update()  # the first update (warmup=1) builds q from the pilot records; later ones fold in
             sampler.freeze()
         if K == "auto":  # as training chooses it: the diagnostic with this sampler, then KController's target
-            diag = diagnose(70_000)
-            control = KController(1, True, cfg.estimator.k_max, strat_K=module.strat_K())
-            control.observe(diag["sigma_b2"], diag["sigma_w2"], diag.get("sigma_w2_strat"),
-                            diag.get("sigma_b2_steps"))
+            diag, rounds = diagnose(70_000)
+            # the controller folds the rounds in order, as training folds its diagnostics at a state that holds:
+            # its EMA (and σ_b²'s upper bound) weights the last ones most, not the mean of all rounds
+            control = KController(1, True, cfg.estimator.k_max, ema=cfg.estimator.auto_ema,
+                                  strat_K=module.strat_K())
+            for r in range(diagnostic_rounds):
+                control.observe(*(rounds[key][r] if key in rounds else None
+                                  for key in ("sigma_b2", "sigma_w2", "sigma_w2_strat", "sigma_b2_steps")))
             K = k_auto = control.target(N, c_u, c_i)
-            auto_model = {**diag, "strat_K": control.strat_K, "model": dict(zip(("sigma_b2", "a", "b"),
-                                                                                 control.model()))}
+            auto_model = {**diag, "strat_K": control.strat_K, "sigma_b2_ema": control.sigma_b2,
+                          "sigma_b2_upper": control.sigma_b2_upper(),
+                          "model": dict(zip(("sigma_b2", "a", "b"), control.model(control.sigma_b2_upper())))}
         m = _Moments(keep_bytes)
         seconds, book = 0.0, 0.0
         bar = None

@@ -4,6 +4,7 @@ is unbiased for the same expectation, chunking changes nothing, and the choice o
 import pytest
 import torch
 
+from distill.carv.accounting import choose_k
 from distill.carv.controller import KController, weighted_mean
 from distill.config import FitConfig, load_config
 from distill.losses import dmd_grad
@@ -138,19 +139,53 @@ def test_importance_weighted_estimate_is_unbiased_with_a_proposal_far_from_p(str
     assert g_bar.var(1).sum() < 0.5 * base_var.sum()
 
 
+def _observed(c: KController, sigma_b2: float, sigma_w2: float, times: int = 2) -> KController:
+    for _ in range(times):  # the same estimate twice: σ_b²'s standard error is known, and 0
+        c.observe(sigma_b2, sigma_w2)
+    return c
+
+
 def test_k_controller_follows_variance_and_cost():
-    c = KController(K=1, auto=True, k_max=32)
-    c.observe(sigma_b2=1.0, sigma_w2=0.01)  # variance is not in the inner draws
+    c = _observed(KController(K=1, auto=True, k_max=32), 1.0, 0.01)  # variance is not in the inner draws
     assert c.choose(N=64, c_u=1.0, c_i=1.0) == 1
-    c = KController(K=1, auto=True, k_max=32)
-    c.observe(sigma_b2=1.0, sigma_w2=100.0)  # K* = sqrt(100 * 4 / 1) = 20, reached at most doubling per choice
-    assert [c.choose(N=64, c_u=4.0, c_i=1.0) for _ in range(6)] == [2, 4, 8, 16, 20, 20]
-    c.observe(sigma_b2=1e6, sigma_w2=1e-6)  # the inner draws stop mattering: K comes down, halving at most
-    c.sigma_b2, c.sigma_w2 = 1e6, 1e-6
-    assert [c.choose(N=64, c_u=4.0, c_i=1.0) for _ in range(6)] == [10, 5, 3, 2, 1, 1]
-    c = KController(K=1, auto=True, k_max=32, max_draws=640)  # memory bound: N K <= 640
-    c.observe(1.0, 100.0)
+    c = _observed(KController(K=1, auto=True, k_max=32), 1.0, 100.0)  # K* = sqrt(100 * 4 / 1) = 20, at most
+    assert [c.choose(N=64, c_u=4.0, c_i=1.0) for _ in range(6)] == [2, 4, 8, 16, 20, 20]  # doubling per choice
+    c.sigma_b2, c.sigma_b2_sq, c.sigma_w2 = 1e6, 1e12, 1e-6  # the inner draws stop mattering: K comes down,
+    assert [c.choose(N=64, c_u=4.0, c_i=1.0) for _ in range(6)] == [10, 5, 3, 2, 1, 1]  # halving at most
+    c = _observed(KController(K=1, auto=True, k_max=32, max_draws=640), 1.0, 100.0)  # memory bound: N K <= 640
     assert [c.choose(N=64, c_u=4.0, c_i=1.0) for _ in range(5)] == [2, 4, 8, 10, 10]
+
+
+def test_k_auto_chooses_from_an_upper_bound_of_sigma_b2():
+    # one estimate gives no standard error: K holds
+    c = KController(K=1, auto=True, k_max=32)
+    c.observe(sigma_b2=1.0, sigma_w2=100.0)
+    assert c.sigma_b2_upper() is None and c.choose(N=64, c_u=4.0, c_i=1.0) == 1
+    # the standard error of the EMA, from the raw estimates' spread, against the EMA's spread over 4,000 repeats
+    # of 12 iid estimates x ~ N(1, 0.5²): the mean of the reported SE² matches the EMA's variance
+    gen = torch.Generator().manual_seed(0)
+    emas, se2 = [], []
+    for _ in range(4000):
+        c = KController(K=1, auto=True, k_max=32)
+        for x in (1.0 + 0.5 * torch.randn(12, generator=gen, dtype=torch.float64)).tolist():
+            c.observe(x, 100.0)
+        emas.append(c.sigma_b2)
+        se2.append(c.sigma_b2_se() ** 2)
+    emas, se2 = torch.tensor(emas, dtype=torch.float64), torch.tensor(se2, dtype=torch.float64)
+    var = float(emas.var())  # the EMA's variance, and the standard error of that sample variance (normal: 2σ⁴/(n-1))
+    assert abs(float(se2.mean()) - var) < 4 * (var * (2 / (len(emas) - 1)) ** 0.5 + float(se2.std()) / len(emas) ** 0.5)
+    # unresolved: raw σ_b² estimates around 0 (the fake score is still the teacher's copy). The EMA alone would send
+    # K to k_max; the bound keeps it where a σ_b² as large as the noise allows puts it
+    noisy = KController(K=1, auto=True, k_max=32)
+    for x in (0.05, -0.3, 0.3, -0.2, 0.1):
+        noisy.observe(x, 4.0)
+    assert noisy.sigma_b2 < 0.02 and noisy.sigma_b2_upper() > 0.2
+    assert choose_k(*noisy.model(), 4.0, 1.0, 32) > 30  # K* = sqrt(4 * 4 / 0.016) = 31.6 from the EMA
+    assert noisy.target(N=64, c_u=4.0, c_i=1.0) == choose_k(*noisy.model(noisy.sigma_b2_upper()), 4.0, 1.0, 32) < 10
+    # and it is checkpointed: a resumed controller chooses the same
+    resumed = KController(K=1, auto=True, k_max=32)
+    resumed.load_state_dict(noisy.state_dict())
+    assert resumed.sigma_b2_upper() == noisy.sigma_b2_upper()
     fixed = KController(K=4, auto=False, k_max=32)
     fixed.observe(1.0, 1e6)
     assert fixed.choose(64, 1.0, 1.0) == 4

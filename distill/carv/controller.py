@@ -1,7 +1,12 @@
 """Choosing K from measured variance and cost (docs/method.md §5): the integer argmin of variance x cost,
 (σ_b² + v(K))(c_u + K c_i), from EMA-smoothed estimates, clamped to [1, k_max] and a memory bound. v(K) is the
 within-sample variance of the estimator in use: σ_w²/K for iid draws, a/K + b/K³ fitted from a stratified
-measurement when the sampler stratifies; σ_b² includes a multi-step student's spread over its steps."""
+measurement when the sampler stratifies; σ_b² includes a multi-step student's spread over its steps.
+
+K is chosen from an upper confidence bound of σ_b², the EMA plus Z_UPPER standard errors of it, the error read from
+the spread of the raw estimates the EMA folded: K* grows as 1/sqrt(σ_b²), so an unresolved σ_b² (near 0 early in
+training, when the fake score is still the teacher's copy) would send K to k_max on noise, while a σ_b² overstated
+by a few standard errors costs little (Var·Cost is flat near its minimum)."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from distill.carv.accounting import choose_k, within_model
 
 
 MAX_STEP = 2  # K auto changes K by at most this factor per choice
+Z_UPPER = 2.0  # K is chosen from σ_b²'s EMA plus this many of its standard errors
 
 
 def weighted_mean(y: Tensor, w: Tensor) -> Tensor:
@@ -38,6 +44,8 @@ class KController:
         self.sigma_w2: float | None = None
         self.sigma_w2_strat: float | None = None  # σ_w,strat²(K_s); None: iid draws (nothing measured)
         self.sigma_b2_steps: float | None = None  # N_global · Var_k(E[Ĝ | k]); None: a one-step student
+        self.sigma_b2_sq: float | None = None  # EMA of the raw σ_b² estimates' squares (their spread)
+        self.weight_sq = 1.0  # Σ w_i² of the EMA's weights w_i over the estimates folded so far
         self.n_observed = 0
 
     def _fold(self, old: float | None, new: float) -> float:
@@ -49,15 +57,35 @@ class KController:
         non-finite optional terms (not measured this time) are skipped."""
         if not (math.isfinite(sigma_b2) and math.isfinite(sigma_w2)):
             return
+        if self.sigma_b2 is not None:  # the newest weight 1 - ema, the older ones scaled by ema
+            self.weight_sq = self.ema ** 2 * self.weight_sq + (1 - self.ema) ** 2
+        self.sigma_b2_sq = self._fold(self.sigma_b2_sq, sigma_b2 ** 2)
         self.sigma_b2, self.sigma_w2 = self._fold(self.sigma_b2, sigma_b2), self._fold(self.sigma_w2, sigma_w2)
         for name, value in zip(self.OPTIONAL, (sigma_w2_strat, sigma_b2_steps)):
             if value is not None and math.isfinite(value):
                 setattr(self, name, self._fold(getattr(self, name), value))
         self.n_observed += 1
 
-    def model(self) -> tuple[float, float, float]:
-        """(σ_b² with the across-step term, a, b) of Var·Cost = (σ_b² + a/K + b/K³)(c_u + K c_i), clamped at 0."""
-        sigma_b2 = max(self.sigma_b2, 0.0) + max(self.sigma_b2_steps or 0.0, 0.0)
+    def sigma_b2_se(self) -> float | None:
+        """The standard error of σ_b²'s EMA, from the weighted spread of the raw estimates it folded: for
+        independent estimates of variance s² and normalised weights w_i, E[Σ w_i (x_i - x̄)²] = s²(1 - Σw_i²) and
+        Var(x̄) = s² Σw_i². None until two estimates are in; 0 with ema 0 (K follows each estimate)."""
+        if self.sigma_b2 is None or (self.ema > 0 and self.weight_sq >= 1.0):
+            return None
+        if self.ema == 0:
+            return 0.0
+        spread = max(self.sigma_b2_sq - self.sigma_b2 ** 2, 0.0)
+        return math.sqrt(spread * self.weight_sq / (1.0 - self.weight_sq))
+
+    def sigma_b2_upper(self) -> float | None:
+        """σ_b²'s EMA plus Z_UPPER standard errors, at least 0: what K is chosen from. None until two estimates."""
+        se = self.sigma_b2_se()
+        return None if se is None else max(self.sigma_b2 + Z_UPPER * se, 0.0)
+
+    def model(self, sigma_b2: float | None = None) -> tuple[float, float, float]:
+        """(σ_b² with the across-step term, a, b) of Var·Cost = (σ_b² + a/K + b/K³)(c_u + K c_i), clamped at 0;
+        `sigma_b2` in place of the EMA (the upper bound `target` chooses from)."""
+        sigma_b2 = max(self.sigma_b2 if sigma_b2 is None else sigma_b2, 0.0) + max(self.sigma_b2_steps or 0.0, 0.0)
         a, b = within_model(max(self.sigma_w2, 0.0), self.sigma_w2_strat, self.strat_K)
         return sigma_b2, a, b
 
@@ -66,13 +94,14 @@ class KController:
         return max(1, min(self.k_max, self.max_draws // max(N, 1))) if self.max_draws else self.k_max
 
     def target(self, N: int, c_u: float, c_i: float) -> int:
-        """The K minimising Var·Cost under `model()`, in [1, k_max] and N·K <= max_draws."""
-        return choose_k(*self.model(), c_u, c_i, k_max=self._k_max(N))
+        """The K minimising Var·Cost under the model at σ_b²'s upper bound (its EMA until the bound is known), in
+        [1, k_max] and N·K <= max_draws."""
+        return choose_k(*self.model(self.sigma_b2_upper()), c_u, c_i, k_max=self._k_max(N))
 
     def choose(self, N: int, c_u: float, c_i: float) -> int:
         """`target`, moved at most a factor of 2 per choice (MAX_STEP): early estimates are noisy, and one of them
-        must not send K from 1 to k_max at once."""
-        if not self.auto or self.sigma_b2 is None:
+        must not send K from 1 to k_max at once. K holds until two estimates give σ_b²'s standard error."""
+        if not self.auto or self.sigma_b2_upper() is None:
             return self.K
         self.K = min(max(self.target(N, c_u, c_i), math.ceil(self.K / MAX_STEP)), self.K * MAX_STEP, self._k_max(N))
         return self.K
@@ -80,11 +109,14 @@ class KController:
     def state_dict(self) -> dict:
         return {"K": self.K, "sigma_b2": self.sigma_b2, "sigma_w2": self.sigma_w2,
                 "sigma_w2_strat": self.sigma_w2_strat, "sigma_b2_steps": self.sigma_b2_steps,
-                "n_observed": self.n_observed}
+                "sigma_b2_sq": self.sigma_b2_sq, "weight_sq": self.weight_sq, "n_observed": self.n_observed}
 
     def load_state_dict(self, state: dict) -> None:
         self.K = int(state["K"])
         self.sigma_b2, self.sigma_w2 = state["sigma_b2"], state["sigma_w2"]
         for name in self.OPTIONAL:  # absent from checkpoints written before they were measured
             setattr(self, name, state.get(name))
+        # absent before the upper bound: the spread restarts from the EMA as one estimate
+        self.sigma_b2_sq = state.get("sigma_b2_sq", None if self.sigma_b2 is None else self.sigma_b2 ** 2)
+        self.weight_sq = float(state.get("weight_sq", 1.0))
         self.n_observed = int(state["n_observed"])
