@@ -62,7 +62,8 @@ def main() -> None:
         paired = [v["fid"] - dmd[seed] for seed, v, _ in per if seed in dmd]
         vs_dmd, vs_dmd_ci = mean_ci(paired) if paired and name != "dmd" else (None, None)
         # a fit whose cores were shared (marked `wall_time_shared` in its JSON) keeps its FID, not its wall time
-        secs, secs_ci = mean_ci([float(v["fit_seconds"]) for _, v, _ in per if not v.get("wall_time_shared")])
+        clean = [float(v["fit_seconds"]) for _, v, _ in per if not v.get("wall_time_shared")]
+        secs, secs_ci = mean_ci(clean) if clean else (None, None)  # None: every fit of it shared its cores
         rows.append({"variant": name, "seeds": [s for s, _, _ in per], "fid": fid, "fid_ci95": fid_ci,
                      "minus_teacher": gap, "minus_teacher_ci95": gap_ci, "minus_dmd": vs_dmd,
                      "minus_dmd_ci95": vs_dmd_ci, "fit_seconds": secs,
@@ -82,7 +83,7 @@ def main() -> None:
         print(f"| {LABELS[r['variant']]} | {len(r['seeds'])} | {fmt(r['fid'], r['fid_ci95'])} | "
               f"{fmt(r['minus_teacher'], r['minus_teacher_ci95'])} | "
               f"{fmt(r['minus_dmd'], r['minus_dmd_ci95']) if r['minus_dmd'] is not None else ''} | "
-              f"{acc}{r['fit_seconds']:.0f} s |")
+              f"{acc}{'shared' if r['fit_seconds'] is None else format(r['fit_seconds'], '.0f') + ' s'} |")
     same = len(set(teacher)) == 1  # its samples do not depend on the fit's seed
     steps = runs[0]["teacher_steps"]
     t_acc = f"{acc_fmt(*mean_ci(teacher_acc))} | " if text else ""

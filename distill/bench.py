@@ -274,7 +274,7 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
         if K == "auto":  # as training chooses it: the diagnostic with this sampler, then KController's target
             diag, rounds = diagnose(70_000)
             # the controller folds the rounds in order, as training folds its diagnostics at a state that holds:
-            # its EMA (and σ_b²'s upper bound) weights the last ones most, not the mean of all rounds
+            # its EMA (and σ_b²'s posterior mean) weights the last ones most, not the mean of all rounds
             control = KController(1, True, cfg.estimator.k_max, ema=cfg.estimator.auto_ema,
                                   strat_K=module.strat_K())
             for r in range(diagnostic_rounds):
@@ -282,8 +282,8 @@ def bench_variance(cfg: FitConfig, ckpt: str | None = None, replicates: int = 32
                                   for key in ("sigma_b2", "sigma_w2", "sigma_w2_strat", "sigma_b2_steps")))
             K = k_auto = control.target(N, c_u, c_i)
             auto_model = {**diag, "strat_K": control.strat_K, "sigma_b2_ema": control.sigma_b2,
-                          "sigma_b2_upper": control.sigma_b2_upper(),
-                          "model": dict(zip(("sigma_b2", "a", "b"), control.model(control.sigma_b2_upper())))}
+                          "sigma_b2_posterior": control.sigma_b2_posterior(),
+                          "model": dict(zip(("sigma_b2", "a", "b"), control.model(control.sigma_b2_posterior())))}
         m = _Moments(keep_bytes)
         seconds, book = 0.0, 0.0
         bar = None

@@ -156,11 +156,11 @@ def test_k_controller_follows_variance_and_cost():
     assert [c.choose(N=64, c_u=4.0, c_i=1.0) for _ in range(5)] == [2, 4, 8, 10, 10]
 
 
-def test_k_auto_chooses_from_an_upper_bound_of_sigma_b2():
+def test_k_auto_chooses_at_the_posterior_mean_of_sigma_b2():
     # one estimate gives no standard error: K holds
     c = KController(K=1, auto=True, k_max=32)
     c.observe(sigma_b2=1.0, sigma_w2=100.0)
-    assert c.sigma_b2_upper() is None and c.choose(N=64, c_u=4.0, c_i=1.0) == 1
+    assert c.sigma_b2_posterior() is None and c.choose(N=64, c_u=4.0, c_i=1.0) == 1
     # the standard error of the EMA, from the raw estimates' spread, against the EMA's spread over 4,000 repeats
     # of 12 iid estimates x ~ N(1, 0.5²): the mean of the reported SE² matches the EMA's variance
     gen = torch.Generator().manual_seed(0)
@@ -174,18 +174,34 @@ def test_k_auto_chooses_from_an_upper_bound_of_sigma_b2():
     emas, se2 = torch.tensor(emas, dtype=torch.float64), torch.tensor(se2, dtype=torch.float64)
     var = float(emas.var())  # the EMA's variance, and the standard error of that sample variance (normal: 2σ⁴/(n-1))
     assert abs(float(se2.mean()) - var) < 4 * (var * (2 / (len(emas) - 1)) ** 0.5 + float(se2.std()) / len(emas) ** 0.5)
-    # unresolved: raw σ_b² estimates around 0 (the fake score is still the teacher's copy). The EMA alone would send
-    # K to k_max; the bound keeps it where a σ_b² as large as the noise allows puts it
+    # the posterior mean of a normal truncated at 0, against numerical integration of its density
+    for raw in [(0.05, -0.3, 0.3, -0.2, 0.1), (-3.0, -3.1, -2.9), (5.0, 5.1, 4.9), (0.4, 0.1, 0.7)]:
+        c = KController(K=1, auto=True, k_max=32)
+        for x in raw:
+            c.observe(x, 4.0)
+        m, s = c.sigma_b2, c.sigma_b2_se()
+        grid = torch.linspace(0, max(m, 0) + 12 * s, 200_001, dtype=torch.float64)
+        log_density = -0.5 * ((grid - m) / s) ** 2
+        density = torch.exp(log_density - log_density.max())  # far below 0 the density is tiny: rescaled
+        expected = torch.trapezoid(grid * density, grid) / torch.trapezoid(density, grid)
+        assert c.sigma_b2_posterior() == pytest.approx(float(expected), rel=1e-5)
+    # unresolved: raw σ_b² estimates around 0 (the fake score is still the teacher's copy). The EMA clamped at 0
+    # would send K to k_max; the posterior mean keeps it where a σ_b² of the size the noise allows puts it
     noisy = KController(K=1, auto=True, k_max=32)
     for x in (0.05, -0.3, 0.3, -0.2, 0.1):
         noisy.observe(x, 4.0)
-    assert noisy.sigma_b2 < 0.02 and noisy.sigma_b2_upper() > 0.2
+    assert noisy.sigma_b2 < 0.02 and noisy.sigma_b2_posterior() > 0.08
     assert choose_k(*noisy.model(), 4.0, 1.0, 32) > 30  # K* = sqrt(4 * 4 / 0.016) = 31.6 from the EMA
-    assert noisy.target(N=64, c_u=4.0, c_i=1.0) == choose_k(*noisy.model(noisy.sigma_b2_upper()), 4.0, 1.0, 32) < 10
+    assert noisy.target(N=64, c_u=4.0, c_i=1.0) == choose_k(*noisy.model(noisy.sigma_b2_posterior()), 4.0, 1.0, 32) < 16
+    # resolved: the posterior mean is the EMA
+    sure = KController(K=1, auto=True, k_max=32)
+    for x in (5.0, 5.1, 4.9):
+        sure.observe(x, 4.0)
+    assert sure.sigma_b2_posterior() == sure.sigma_b2
     # and it is checkpointed: a resumed controller chooses the same
     resumed = KController(K=1, auto=True, k_max=32)
     resumed.load_state_dict(noisy.state_dict())
-    assert resumed.sigma_b2_upper() == noisy.sigma_b2_upper()
+    assert resumed.sigma_b2_posterior() == noisy.sigma_b2_posterior()
     fixed = KController(K=4, auto=False, k_max=32)
     fixed.observe(1.0, 1e6)
     assert fixed.choose(64, 1.0, 1.0) == 4

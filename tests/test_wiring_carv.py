@@ -305,13 +305,13 @@ def test_k_auto_follows_the_measured_figures_and_the_configured_cost(cost):
     assert [o["carv/k_star"] for o in outs[3:13:3]] == [16.0, 16.0, 6.0, 6.0]
 
 
-def test_k_auto_chooses_from_an_upper_bound_of_the_measured_sigma_b2():
+def test_k_auto_chooses_at_the_posterior_mean_of_the_measured_sigma_b2():
     """K auto through the module with auto_ema = 0.8: raw σ_b² estimates that scatter around 0 (as early in training,
-    when the fake score is still the teacher's copy) and σ_w² = 4. The logged carv/sigma_b2_upper is the EMA plus two
-    standard errors, the error from the weighted spread of the raw estimates (docs/method.md §5, computed here from
-    the EMA's explicit weights), absent after the first estimate (K holds); carv/k_star is the integer argmin of
-    (σ_b,up² + σ_w²/K)(c_u + K c_i) found by brute force; and K never goes where the EMA alone (about 0.02: K* = 28)
-    would send it."""
+    when the fake score is still the teacher's copy) and σ_w² = 4. The logged carv/sigma_b2_posterior is the mean of
+    N(EMA, SE²) truncated at 0, m + s·φ(m/s)/Φ(m/s), with the standard error from the weighted spread of the raw
+    estimates (docs/method.md §5; computed here from the EMA's explicit weights), absent after the first estimate (K
+    holds); carv/k_star is the integer argmin of (σ_b² + σ_w²/K)(c_u + K c_i) at it, found by brute force; and K never
+    goes where the EMA clamped at 0 (-0.02 to 0.04: K = 19 to 32) would send it."""
     m = _module("estimator.K=auto", "estimator.diagnostic_every=1", "estimator.auto_every=1",
                 "estimator.auto_ema=0.8", "estimator.k_max=32", "data.batch_size=8")
     c_u, c_i, sw2, lam = 8.0, 2.0, 4.0, 0.8
@@ -320,18 +320,22 @@ def test_k_auto_chooses_from_an_upper_bound_of_the_measured_sigma_b2():
     fed = iter([(b, sw2) for b in raw])
     m.split_half_estimate = lambda x, labels, sampler, Kd, rng: next(fed)
     outs = [_step(m, logged) for _ in raw]
-    assert "carv/sigma_b2_upper" not in outs[0] and outs[1]["carv/K"] == 1.0
+    assert "carv/sigma_b2_posterior" not in outs[0] and outs[1]["carv/K"] == 1.0
+    from_ema = []
     for n, o in enumerate(outs[1:], start=2):
         w = [lam ** (n - 1)] + [(1 - lam) * lam ** (n - 1 - i) for i in range(1, n)]  # the EMA's weights, sum 1
         mean = sum(wi * x for wi, x in zip(w, raw))
         w2 = sum(wi * wi for wi in w)
-        spread = sum(wi * (x - mean) ** 2 for wi, x in zip(w, raw))
-        upper = max(mean + 2 * math.sqrt(spread * w2 / (1 - w2)), 0.0)
+        se = math.sqrt(sum(wi * (x - mean) ** 2 for wi, x in zip(w, raw)) * w2 / (1 - w2))
+        z = mean / se
+        posterior = mean + se * math.exp(-z * z / 2) / math.sqrt(2 * math.pi) / (0.5 * math.erfc(-z / math.sqrt(2)))
         assert o["carv/sigma_b2"] == pytest.approx(max(mean, 0.0), abs=1e-12)
-        assert o["carv/sigma_b2_upper"] == pytest.approx(upper, rel=1e-9)
-        assert o["carv/k_star"] == min(range(1, 33), key=lambda K: (upper + sw2 / K) * (c_u + K * c_i))
+        assert o["carv/sigma_b2_posterior"] == pytest.approx(posterior, rel=1e-9)
+        best = lambda sb2: min(range(1, 33), key=lambda K: (sb2 + sw2 / K) * (c_u + K * c_i))  # noqa: E731
+        assert o["carv/k_star"] == best(posterior) < best(max(mean, 0.0))
+        from_ema.append(best(max(mean, 0.0)))
     used = [int(o["carv/K"]) for o in outs]
-    assert max(used) <= max(o["carv/k_star"] for o in outs[1:]) < 16, used
+    assert max(used) <= max(o["carv/k_star"] for o in outs[1:]) < 20 and max(from_ema) == 32, (used, from_ema)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,22 +3,24 @@
 within-sample variance of the estimator in use: σ_w²/K for iid draws, a/K + b/K³ fitted from a stratified
 measurement when the sampler stratifies; σ_b² includes a multi-step student's spread over its steps.
 
-K is chosen from an upper confidence bound of σ_b², the EMA plus Z_UPPER standard errors of it, the error read from
-the spread of the raw estimates the EMA folded: K* grows as 1/sqrt(σ_b²), so an unresolved σ_b² (near 0 early in
-training, when the fake score is still the teacher's copy) would send K to k_max on noise, while a σ_b² overstated
-by a few standard errors costs little (Var·Cost is flat near its minimum)."""
+K is chosen at the posterior mean of σ_b², not its EMA: Var·Cost is linear in σ_b², so the expected Var·Cost under
+what is known of σ_b² is least at σ_b²'s expectation. Known: σ_b² >= 0, and the EMA, whose standard error is read
+from the spread of the raw estimates it folded. With a flat prior on [0, ∞) and the EMA normal about σ_b², that
+expectation is the mean of a normal truncated at 0: the EMA where σ_b² is resolved, about 0.8 standard errors where
+the EMA sits near 0 on noise (early in training, when the fake score is still the teacher's copy), where the EMA
+clamped at 0 would send K to k_max."""
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from distill.carv.accounting import choose_k, within_model
 
 
 MAX_STEP = 2  # K auto changes K by at most this factor per choice
-Z_UPPER = 2.0  # K is chosen from σ_b²'s EMA plus this many of its standard errors
 
 
 def weighted_mean(y: Tensor, w: Tensor) -> Tensor:
@@ -77,14 +79,23 @@ class KController:
         spread = max(self.sigma_b2_sq - self.sigma_b2 ** 2, 0.0)
         return math.sqrt(spread * self.weight_sq / (1.0 - self.weight_sq))
 
-    def sigma_b2_upper(self) -> float | None:
-        """σ_b²'s EMA plus Z_UPPER standard errors, at least 0: what K is chosen from. None until two estimates."""
+    def sigma_b2_posterior(self) -> float | None:
+        """E[σ_b² | σ_b² >= 0] for σ_b² ~ N(EMA, SE²) truncated at 0: m + s·φ(m/s)/Φ(m/s) (the ratio in logs, so
+        that an EMA many errors below 0 gives its limit, about s²/|m|); the EMA clamped at 0 when SE = 0. What K is
+        chosen from. None until two estimates."""
         se = self.sigma_b2_se()
-        return None if se is None else max(self.sigma_b2 + Z_UPPER * se, 0.0)
+        if se is None:
+            return None
+        m = self.sigma_b2
+        if se == 0.0:
+            return max(m, 0.0)
+        z = torch.tensor(m / se, dtype=torch.float64)
+        ratio = torch.exp(-z * z / 2 - 0.5 * math.log(2 * math.pi) - torch.special.log_ndtr(z))  # φ(z)/Φ(z)
+        return max(m + se * float(ratio), 0.0)
 
     def model(self, sigma_b2: float | None = None) -> tuple[float, float, float]:
         """(σ_b² with the across-step term, a, b) of Var·Cost = (σ_b² + a/K + b/K³)(c_u + K c_i), clamped at 0;
-        `sigma_b2` in place of the EMA (the upper bound `target` chooses from)."""
+        `sigma_b2` in place of the EMA (the posterior mean `target` chooses from)."""
         sigma_b2 = max(self.sigma_b2 if sigma_b2 is None else sigma_b2, 0.0) + max(self.sigma_b2_steps or 0.0, 0.0)
         a, b = within_model(max(self.sigma_w2, 0.0), self.sigma_w2_strat, self.strat_K)
         return sigma_b2, a, b
@@ -94,14 +105,14 @@ class KController:
         return max(1, min(self.k_max, self.max_draws // max(N, 1))) if self.max_draws else self.k_max
 
     def target(self, N: int, c_u: float, c_i: float) -> int:
-        """The K minimising Var·Cost under the model at σ_b²'s upper bound (its EMA until the bound is known), in
+        """The K minimising Var·Cost under the model at σ_b²'s posterior mean (its EMA until that is known), in
         [1, k_max] and N·K <= max_draws."""
-        return choose_k(*self.model(self.sigma_b2_upper()), c_u, c_i, k_max=self._k_max(N))
+        return choose_k(*self.model(self.sigma_b2_posterior()), c_u, c_i, k_max=self._k_max(N))
 
     def choose(self, N: int, c_u: float, c_i: float) -> int:
         """`target`, moved at most a factor of 2 per choice (MAX_STEP): early estimates are noisy, and one of them
         must not send K from 1 to k_max at once. K holds until two estimates give σ_b²'s standard error."""
-        if not self.auto or self.sigma_b2_upper() is None:
+        if not self.auto or self.sigma_b2_posterior() is None:
             return self.K
         self.K = min(max(self.target(N, c_u, c_i), math.ceil(self.K / MAX_STEP)), self.K * MAX_STEP, self._k_max(N))
         return self.K
@@ -116,7 +127,7 @@ class KController:
         self.sigma_b2, self.sigma_w2 = state["sigma_b2"], state["sigma_w2"]
         for name in self.OPTIONAL:  # absent from checkpoints written before they were measured
             setattr(self, name, state.get(name))
-        # absent before the upper bound: the spread restarts from the EMA as one estimate
+        # absent before the posterior mean: the spread restarts from the EMA as one estimate
         self.sigma_b2_sq = state.get("sigma_b2_sq", None if self.sigma_b2 is None else self.sigma_b2 ** 2)
         self.weight_sq = float(state.get("weight_sq", 1.0))
         self.n_observed = int(state["n_observed"])
