@@ -9,7 +9,7 @@
 #   states    one-step digits at the checkpoints of a 1,500-step baseline run (steps 500, 1000, 1500): where in
 #             training CARV pays and where it cannot (the run is made first, in a temporary directory)
 #   t2i       configs/t2i-digits.yaml after a 300-step warm-up (text-to-image digits teacher)
-# Usage: bash benchmarks/variance.sh [REPLICATES]   (needs `make data`; about 45 min on 2 cores for all parts)
+# Usage: bash benchmarks/variance.sh [REPLICATES]   (needs `make data`; about 30 min on 2 cores for all parts)
 #        PARTS="digits four" bash benchmarks/variance.sh 64   to run some parts
 # then `python benchmarks/variance_tables.py` prints the README's tables from the JSON.
 set -euo pipefail

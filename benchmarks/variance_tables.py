@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ["variance-digits.json", "variance-digits-four.json", "variance-gmm.json", "variance-t2i-digits.json",
            "variance-digits-step0500.json", "variance-digits-step1000.json", "variance-digits-step1500.json"]
+
+
+def _state(result: dict) -> str:
+    """The state as the README reads it: a checkpoint of variance.sh's baseline run by its step, not its temporary
+    path."""
+    found = re.search(r"step=0*(\d+)\.ckpt$", result["state"])
+    return f"step {int(found.group(1)):,} of a 1,500-step baseline run" if found else result["state"]
 
 
 def _interval(v: float, ci: list[float] | None, unit: str = "") -> str:
@@ -25,7 +33,7 @@ def render(result: dict) -> str:
     steps = result.get("student_steps", 1)
     title = result["config"] + (" " + " ".join(result["overrides"]) if result.get("overrides") else "")
     head = (f"**{title}** (commit {result.get('commit', '?')})\n\n"
-            f"{result['state']}; {steps} student step{'s' if steps > 1 else ''}; N = {result['N']}, "
+            f"{_state(result)}; {steps} student step{'s' if steps > 1 else ''}; N = {result['N']}, "
             f"R = {result['replicates']} replicates; σ_b² = {result['sigma_b2']:.3g}, σ_w² = {result['sigma_w2']:.3g}; "
             + (f"across the student steps N·V_k = {result['sigma_b2_steps']:.3g}; "
                if result.get("sigma_b2_steps") is not None else "")
@@ -64,7 +72,7 @@ def auto_summary(results: list[dict]) -> str:
     for res in results:
         auto = next(r for r in res["rows"] if r["name"] == "auto")
         best = max((r for r in res["rows"] if r["name"] != "auto"), key=lambda r: r["ecm"])
-        where = res["state"].split(" (")[0].replace("after a ", "").replace(" run of this config", "")
+        where = _state(res).split(" (")[0].replace("after a ", "").replace(" run of this config", "")
         lines.append(f"| {_title(res)}, {where} | {auto['K']} | {_interval(auto['ecm'], auto.get('ecm_ci'))} | "
                      f"{best['name']} | {_interval(best['ecm'], best.get('ecm_ci'))} | {auto['ecm'] / best['ecm']:.0%}"
                      + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if (ci := auto.get("ecm_vs_best_fixed_ci")) else "") + " |")
@@ -80,7 +88,7 @@ def states_summary(results: list[dict]) -> str:
         auto = next(r for r in res["rows"] if r["name"] == "auto")
         ceiling = res.get("var_cut_ceiling")
         frac = best.get("ceiling_fraction")
-        lines.append(f"| {res['state']} | {res['sigma_b2']:.3g}{_pm(res.get('sigma_b2_se'))} | "
+        lines.append(f"| {_state(res)} | {res['sigma_b2']:.3g}{_pm(res.get('sigma_b2_se'))} | "
                      f"{res['sigma_w2']:.3g}{_pm(res.get('sigma_w2_se'))} | "
                      f"{f'{ceiling:.3g}×' if ceiling else '—'} | "
                      f"{_interval(best['var_reduction'], best.get('var_cut_ci'), '×')}"
