@@ -10,7 +10,8 @@ Reuse over (t, eps) cannot remove σ_b²: no estimator of the family cuts the va
 (σ_b² + σ_w²) / σ_b², printed with each estimator's fraction of it (for a multi-step student σ_b² there includes
 N·V_k, the spread of the mean gradient over the student steps, which every sample of a replicate shares).
 The `auto` row's K is the one training would choose at this state: the training diagnostic run with that row's
-sampler (adaptive, stratified), its within-sample variance measured as drawn, then `KController.target`.
+sampler (adaptive, stratified), its within-sample variance measured as drawn, its rounds folded into a
+`KController` one by one as training folds its diagnostics, then `KController.target` (at σ_b²'s posterior mean).
 Every variance cut and ECM carries a 95% interval, a bootstrap over the replicates resampled in pairs (computed
 from each estimator's Gram matrix of replicate gradients), and a row whose variance (or the baseline's) has a relative standard error above 50% is flagged
 `heavy_tail`: a few replicates hold most of it and its ratios mean little.
