@@ -22,13 +22,13 @@ case $config in
   digits)
     gan="gan.weight_generator=3e-3 gan.weight_discriminator=1e-2"   # DMD2's ImageNet-64 weights
     four="generator.timesteps=[500,375,250,125]"                     # four steps from the digits config's t_init 500
-    lr="optim.lr_generator=2e-5"; extra=""; teacher_steps=50 ;;
+    extra=""; teacher_steps=50 ;;
   t2i-digits)
     latents=data/latents/t2i-digits
     [[ -f $latents/meta.json ]] || $py benchmarks/t2i_real_data.py --out $latents
     gan="gan.weight_generator=1e-3 gan.weight_discriminator=1e-2 gan.data=$latents"   # DMD2's SD 1.5 weights
     four="generator.timesteps=[999,749,499,249]"                                     # DMD2's four-step SDXL list
-    lr="optim.lr_generator=2e-5"; extra="eval.fid_every_steps=0"; teacher_steps=25 ;;
+    extra="eval.fid_every_steps=0"; teacher_steps=25 ;;
   *) echo "unknown CONFIG '$config' (expected digits or t2i-digits)"; exit 2 ;;
 esac
 out=${2:-benchmarks/results/ablation-$config-seed$seed.json}
@@ -36,7 +36,8 @@ mkdir -p runs
 root=runs/ablation-$config-seed$seed
 [[ $config == digits ]] && root=runs/ablation-seed$seed   # where the digits runs always were
 # four_lr: the four-step student at a fifth of the generator's learning rate (multi-step training is sensitive to it)
-declare -A variants=([dmd]="" [gan]="$gan" [four]="$four" [four_gan]="$four $gan" [four_lr]="$four $lr")
+declare -A variants=([dmd]="" [gan]="$gan" [four]="$four" [four_gan]="$four $gan"
+                     [four_lr]="$four optim.lr_generator=2e-5")
 names=${VARIANTS:-dmd gan four four_gan four_lr}
 for name in $names; do [[ -v variants[$name] ]] || { echo "unknown variant '$name' (expected one of ${!variants[*]})"; exit 2; }; done
 # FID and prompt accuracy ("-" where the run has none) of the newest row of a fid_results.csv: the student's rows

@@ -387,8 +387,9 @@ class DMDModule(L.LightningModule):
             return out
         sb2, a, b = c.model()
         out["carv_fake/sigma_b2"], out["carv_fake/sigma_w2"] = sb2, max(c.sigma_w2, 0.0)
-        if c.sigma_b2_posterior() is not None:  # what K is chosen from
-            out["carv_fake/sigma_b2_posterior"] = c.sigma_b2_posterior()
+        posterior = c.sigma_b2_posterior()  # what K is chosen from
+        if posterior is not None:
+            out["carv_fake/sigma_b2_posterior"] = posterior
         v1, vK = sb2 + within_variance(a, b, 1), sb2 + within_variance(a, b, c.K)
         if "fake_inner_flops" in self.costs and v1 > 0:
             c_u, c_i = self._cost_pair("fake_")
@@ -616,8 +617,9 @@ class DMDModule(L.LightningModule):
                 out["carv/sigma_w2_strat"] = max(c.sigma_w2_strat, 0.0)
             if c.sigma_b2_steps is not None:
                 out["carv/sigma_b2_steps"] = max(c.sigma_b2_steps, 0.0)
-            if c.sigma_b2_posterior() is not None:  # what K auto chooses from
-                out["carv/sigma_b2_posterior"] = c.sigma_b2_posterior()
+            posterior = c.sigma_b2_posterior()  # what K auto chooses from
+            if posterior is not None:
+                out["carv/sigma_b2_posterior"] = posterior
             # no variance at all (a fake score that is still the teacher's exact copy, as at step 0 for a diffusers
             # teacher without guidance, gives g = 0): K* and the ECM are undefined, not figures to log
             if self.costs and sb2 + sw2 > 0:

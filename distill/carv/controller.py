@@ -112,7 +112,7 @@ class KController:
     def choose(self, N: int, c_u: float, c_i: float) -> int:
         """`target`, moved at most a factor of 2 per choice (MAX_STEP): early estimates are noisy, and one of them
         must not send K from 1 to k_max at once. K holds until two estimates give σ_b²'s standard error."""
-        if not self.auto or self.sigma_b2_posterior() is None:
+        if not self.auto or self.sigma_b2_se() is None:  # (the posterior mean needs the standard error)
             return self.K
         self.K = min(max(self.target(N, c_u, c_i), math.ceil(self.K / MAX_STEP)), self.K * MAX_STEP, self._k_max(N))
         return self.K
